@@ -1,0 +1,186 @@
+"""Turn a tensor file into modules: group keys by module, detect each algorithm.
+
+``load_adapter`` is the one entry point.  It reads only the header up front;
+tensors are read when a delta is asked for.  Keys it does not understand are kept
+in ``unknown_keys`` with a reason, never dropped silently.  An input with no usable
+module is refused with ``AdapterFormatError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+from .algorithms import SUFFIX_ROLES, UNSUPPORTED_SUFFIXES, AdapterModule, detect, split_key
+from .errors import AdapterFormatError
+from .reader import DictSource, TensorSource, open_tensor_file
+
+PEFT_CONFIG = "adapter_config.json"
+
+
+class Adapter:
+    """An adapter file: metadata, modules by name, and what was not understood."""
+
+    def __init__(self, source: TensorSource, modules: dict[str, AdapterModule],
+                 unknown: dict[str, str], alpha_source: str | None = None):
+        self.source = source
+        self.name = source.name
+        self.metadata: dict[str, str] = dict(source.metadata)
+        self.modules = modules
+        self.unknown_reasons = unknown
+        self.alpha_source = alpha_source
+
+    @property
+    def unknown_keys(self) -> list[str]:
+        return sorted(self.unknown_reasons)
+
+    @property
+    def path(self) -> str | None:
+        return self.name if isinstance(self.source, TensorSource) and os.path.isfile(self.name) else None
+
+    def algorithms(self) -> Counter:
+        return Counter(m.describe() for m in self.modules.values())
+
+    def ranks(self) -> Counter:
+        return Counter(m.rank for m in self.modules.values() if m.rank is not None)
+
+    def alphas(self) -> Counter:
+        return Counter(m.alpha for m in self.modules.values() if m.alpha is not None)
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.num_params for m in self.modules.values())
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __repr__(self) -> str:
+        algos = ", ".join(f"{k} {v}" for k, v in sorted(self.algorithms().items()))
+        return f"<Adapter {self.name!r}: {len(self.modules)} modules ({algos}), {len(self.unknown_reasons)} unknown keys>"
+
+
+def load_adapter(source, *, allow_pickle: bool = False, peft_config: Mapping | None = None) -> Adapter:
+    """Read an adapter from a path or a dict of tensors.
+
+    ``allow_pickle`` opts in to .pt/.ckpt/.bin files, read with torch.load(weights_only=True).
+    ``peft_config`` supplies PEFT's lora_alpha when the file has no alpha tensors; by
+    default an ``adapter_config.json`` beside the file is used.
+    """
+    if isinstance(source, Mapping):
+        tensors: TensorSource = DictSource(source)
+    elif isinstance(source, TensorSource):
+        tensors = source
+    elif isinstance(source, (str, os.PathLike)):
+        tensors = open_tensor_file(source, allow_pickle=allow_pickle)
+    else:
+        raise TypeError(f"load_adapter takes a path or a dict of tensors, not {type(source).__name__}")
+
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    unknown: dict[str, str] = {}
+    for key in tensors:
+        split = split_key(key)
+        if split is None:
+            unknown[key] = "unrecognised suffix"
+            continue
+        module, suffix = split
+        if suffix in UNSUPPORTED_SUFFIXES:
+            unknown[key] = UNSUPPORTED_SUFFIXES[suffix]
+            continue
+        role = SUFFIX_ROLES[suffix]
+        if role in groups[module]:
+            raise AdapterFormatError(
+                tensors.name, f"module {module!r} has two keys for {role}: {groups[module][role]!r}", key
+            )
+        groups[module][role] = key
+
+    alpha_for, alpha_source = _alpha_defaults(tensors, groups, source, peft_config)
+    modules: dict[str, AdapterModule] = {}
+    for module, roles_to_keys in groups.items():
+        roles = set(roles_to_keys)
+        cls = detect(roles, lambda role, _k=roles_to_keys: tensors.shape(_k[role]))
+        if cls is None:
+            for key in roles_to_keys.values():
+                unknown[key] = "no algorithm uses this combination of keys"
+            continue
+        used = cls.consumed(roles)
+        for role in roles - used:
+            unknown[roles_to_keys[role]] = f"not used by {cls.algo}"
+        keys = {role: roles_to_keys[role] for role in used}
+        modules[module] = cls(module, keys, tensors, default_alpha=alpha_for(module, keys))
+
+    if not modules:
+        sample = ", ".join(sorted(unknown)[:3]) or "the file has no tensors"
+        raise AdapterFormatError(tensors.name, f"no usable adapter module found (keys: {sample})")
+    return Adapter(tensors, modules, unknown, alpha_source)
+
+
+# ---- alpha that lives outside the tensors ------------------------------------------------
+
+def _alpha_defaults(tensors: TensorSource, groups, source, peft_config):
+    """A function module -> default alpha, for files whose LoRA modules carry no alpha tensor.
+
+    PEFT keeps lora_alpha in adapter_config.json (or diffusers in the header's
+    ``lora_adapter_metadata``); ignoring it applies the adapter at the wrong strength.
+    """
+    lora_modules = [m for m, roles in groups.items() if "lora_down" in roles]
+    if not lora_modules or any("alpha" in groups[m] for m in lora_modules):
+        return (lambda module, keys: None), None
+
+    config, origin = _find_peft_config(tensors, source, peft_config)
+    if config is None:
+        return (lambda module, keys: None), None
+
+    def alpha_for(module: str, keys: dict[str, str]) -> float | None:
+        if "lora_down" not in keys:
+            return None
+        part = _config_for(config, module)
+        if part is None or "lora_alpha" not in part:
+            return None
+        rank = tensors.shape(keys["lora_down"])[0]
+        alpha = float(_pattern_value(part.get("alpha_pattern") or {}, module, part["lora_alpha"]))
+        if part.get("use_rslora"):
+            alpha *= math.sqrt(rank)  # scale alpha/sqrt(r), expressed as an alpha over r
+        return alpha
+
+    return alpha_for, origin
+
+
+def _find_peft_config(tensors, source, peft_config):
+    if peft_config is not None:
+        return dict(peft_config), "argument"
+    raw = tensors.metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            return json.loads(raw), "metadata"
+        except ValueError:
+            pass
+    if isinstance(source, (str, os.PathLike)):
+        sidecar = Path(source).with_name(PEFT_CONFIG)
+        if sidecar.is_file() and sidecar.stat().st_size < 1_000_000:
+            try:
+                return json.loads(sidecar.read_text(encoding="utf-8")), str(sidecar)
+            except (ValueError, UnicodeDecodeError):
+                return None, None
+    return None, None
+
+
+def _config_for(config: dict, module: str) -> dict | None:
+    """A PEFT config, or diffusers' per-component dict of them."""
+    if "lora_alpha" in config:
+        return config
+    for component in ("text_encoder_2", "text_encoder", "unet", "transformer"):
+        if module.startswith(component + ".") and isinstance(config.get(component), dict):
+            return config[component]
+    return None
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pattern, value in patterns.items():
+        if module == pattern or module.endswith("." + pattern):
+            return value
+    return default
+

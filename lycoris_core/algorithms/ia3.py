@@ -1,0 +1,39 @@
+"""(IA)³: W' = W0 ⊙ (1 + s·w), w scaling output rows, or input columns when on_input."""
+
+from __future__ import annotations
+
+from .base import AdapterModule, prod
+
+
+class IA3(AdapterModule):
+    algo = "ia3"
+    required = ("weight", "on_input")
+    uses_weight = True
+
+    def _validate(self) -> None:
+        if prod(self._shape("on_input")) != 1:
+            raise self._fail("on_input must be a scalar", "on_input")
+        self.on_input = bool(self.source[self.keys["on_input"]].reshape(()).item())
+        vector = self._shape("weight")
+        # linear: (C,); conv: (1, C, 1, ...)
+        if len(vector) == 1:
+            self.channels = vector[0]
+        elif len(vector) >= 2 and vector[0] == 1 and prod(vector[2:]) == 1:
+            self.channels = vector[1]
+        else:
+            raise self._fail(f"ia3 weight {vector} is neither (C,) nor (1, C, 1, ...)", "weight")
+        self.shape = vector
+
+    def fits(self, weight_shape) -> bool:
+        axis = 1 if self.on_input else 0
+        return len(weight_shape) > axis and weight_shape[axis] == self.channels
+
+    @property
+    def dense_params(self) -> int:
+        return self.channels
+
+    def _raw_delta(self, weight):
+        vector = self._t("weight").reshape(-1)
+        view = [1] * weight.dim()
+        view[1 if self.on_input else 0] = -1
+        return weight * vector.reshape(view)

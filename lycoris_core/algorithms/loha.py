@@ -1,0 +1,54 @@
+"""LoHa: ΔW = (α/r)·(w1a·w1b) ⊙ (w2a·w2b); in Tucker form each half is t ×₁ a ×₂ b."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AdapterModule
+
+
+def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # t (r, r, k...), a (r, out), b (r, in) -> (out, in, k...)
+    return torch.einsum("ij...,ip,jr->pr...", t, a, b)
+
+
+class LoHa(AdapterModule):
+    algo = "loha"
+    required = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    supports_dora = True
+    optional = ("hada_t1", "hada_t2")
+
+    def _validate(self) -> None:
+        w1a, w1b = self._shape("hada_w1_a"), self._shape("hada_w1_b")
+        w2a, w2b = self._shape("hada_w2_a"), self._shape("hada_w2_b")
+        if any(len(s) != 2 for s in (w1a, w1b, w2a, w2b)):
+            raise self._fail("LoHa factors must be 2-D", "hada_w1_a")
+        has_t1, has_t2 = self._has("hada_t1"), self._has("hada_t2")
+        if has_t1 != has_t2:
+            raise self._fail("LoHa Tucker needs both hada_t1 and hada_t2", "hada_t1" if has_t1 else "hada_t2")
+        if has_t1:
+            t1, t2 = self._shape("hada_t1"), self._shape("hada_t2")
+            ok = (
+                len(t1) >= 3 and t1 == t2 and w1a[0] == w1b[0] == t1[0] == t1[1]
+                and w2a[0] == w2b[0] == t2[0] == t2[1] and w1a[1] == w2a[1] and w1b[1] == w2b[1]
+            )
+            if not ok:
+                raise self._fail(f"LoHa Tucker factors do not agree: t1 {t1}, w1_a {w1a}, w1_b {w1b}", "hada_t1")
+            self.tucker = True
+            self.shape = (w1a[1], w1b[1], *t1[2:])
+        else:
+            if not (w1a[1] == w1b[0] and w2a[1] == w2b[0] and w1a[0] == w2a[0] and w1b[1] == w2b[1]):
+                raise self._fail(
+                    f"LoHa factors do not agree: w1_a {w1a}, w1_b {w1b}, w2_a {w2a}, w2_b {w2b}", "hada_w1_a"
+                )
+            self.shape = (w1a[0], w1b[1])
+        self._set_rank_scale(w1b[0], "hada_w1_b")
+
+    def _raw_delta(self, weight):
+        if self.tucker:
+            r1 = _tucker(self._t("hada_t1"), self._t("hada_w1_a"), self._t("hada_w1_b"))
+            r2 = _tucker(self._t("hada_t2"), self._t("hada_w2_a"), self._t("hada_w2_b"))
+        else:
+            r1 = self._t("hada_w1_a") @ self._t("hada_w1_b")
+            r2 = self._t("hada_w2_a") @ self._t("hada_w2_b")
+        return r1 * r2 * self.scale

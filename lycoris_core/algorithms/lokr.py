@@ -1,0 +1,82 @@
+"""LoKr: ΔW = s·kron(w1, w2), each factor full, low-rank, or (w2) Tucker.
+
+Scale trap: s = α/r with r from a decomposed factor; when both factors are full
+LyCORIS forces α = r, so s = 1 whatever alpha the file stores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AdapterModule
+
+
+class LoKr(AdapterModule):
+    algo = "lokr"
+    required = ()
+    optional = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    supports_dora = True
+
+    @classmethod
+    def claims(cls, roles: set[str], shape_of) -> bool:
+        return bool(roles & {"lokr_w1", "lokr_w1_a"}) and bool(roles & {"lokr_w2", "lokr_w2_a"})
+
+    def _w1_shape(self) -> tuple[int, int]:
+        if self._has("lokr_w1"):
+            w1 = self._shape("lokr_w1")
+            if len(w1) != 2:
+                raise self._fail(f"lokr_w1 must be 2-D, got {w1}", "lokr_w1")
+            return w1
+        if not self._has("lokr_w1_b"):
+            raise self._fail("lokr_w1_a without lokr_w1_b", "lokr_w1_a")
+        a, b = self._shape("lokr_w1_a"), self._shape("lokr_w1_b")
+        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            raise self._fail(f"lokr_w1_a {a} and lokr_w1_b {b} do not multiply", "lokr_w1_a")
+        return a[0], b[1]
+
+    def _w2_shape(self) -> tuple[int, ...]:
+        if self._has("lokr_w2"):
+            w2 = self._shape("lokr_w2")
+            if len(w2) < 2:
+                raise self._fail(f"lokr_w2 must be at least 2-D, got {w2}", "lokr_w2")
+            return w2
+        if not self._has("lokr_w2_b"):
+            raise self._fail("lokr_w2_a without lokr_w2_b", "lokr_w2_a")
+        a, b = self._shape("lokr_w2_a"), self._shape("lokr_w2_b")
+        if len(a) != 2 or len(b) != 2:
+            raise self._fail(f"lokr_w2_a {a} and lokr_w2_b {b} must be 2-D", "lokr_w2_a")
+        if self._has("lokr_t2"):
+            t2 = self._shape("lokr_t2")
+            if len(t2) < 3 or t2[0] != a[0] or t2[1] != b[0]:
+                raise self._fail(f"lokr_t2 {t2} does not join lokr_w2_a {a} and lokr_w2_b {b}", "lokr_t2")
+            self.tucker = True
+            return (a[1], b[1], *t2[2:])
+        if a[1] != b[0]:
+            raise self._fail(f"lokr_w2_a {a} and lokr_w2_b {b} do not multiply", "lokr_w2_a")
+        return a[0], b[1]
+
+    def _validate(self) -> None:
+        w1, w2 = self._w1_shape(), self._w2_shape()
+        self.shape = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        rank_role = "lokr_w2_b" if self._has("lokr_w2_b") else "lokr_w1_b" if self._has("lokr_w1_b") else None
+        if rank_role is None:
+            self.rank = None  # both full: scale 1, alpha ignored
+            self.scale = 1.0
+        else:
+            self._set_rank_scale(self._shape(rank_role)[0], rank_role)
+
+    def _factor(self, which: str) -> torch.Tensor:
+        if self._has(f"lokr_{which}"):
+            return self._t(f"lokr_{which}")
+        a, b = self._t(f"lokr_{which}_a"), self._t(f"lokr_{which}_b")
+        if which == "w2" and self.tucker:
+            return torch.einsum("ij...,ip,jr->pr...", self._t("lokr_t2"), a, b)
+        return a @ b
+
+    def _raw_delta(self, weight):
+        w1, w2 = self._factor("w1"), self._factor("w2").contiguous()
+        if w2.dim() > 2:
+            w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        return torch.kron(w1.contiguous(), w2).reshape(self.shape) * self.scale
+

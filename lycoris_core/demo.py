@@ -1,0 +1,95 @@
+"""Small demo adapters with real SD1.5 module names, so every command works out of the box.
+
+Values are random (seeded); shapes and names are those of real kohya/LyCORIS files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .writer import save_tensors
+
+# (kohya module name, weight shape) — a slice of SD1.5: attention, feed-forward, conv, text encoder
+DEMO_MODULES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", (320, 320)),
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", (320, 768)),
+    ("lora_unet_down_blocks_0_resnets_0_conv1", (320, 320, 3, 3)),
+    ("lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2", (1280, 5120)),
+    ("lora_unet_up_blocks_3_attentions_2_proj_out", (320, 320, 1, 1)),
+    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (768, 768)),
+    ("lora_te_text_model_encoder_layers_11_mlp_fc1", (3072, 768)),
+)
+
+DEMO_METADATA = {
+    "ss_network_module": "lycoris.kohya",
+    "ss_base_model_version": "sd_v1",
+    "ss_tag_frequency": json.dumps({"10_demo": {"lycodemo": 12, "1girl": 8, "smile": 3}}),
+    "modelspec.architecture": "stable-diffusion-v1/lora",
+}
+
+
+def _lora(gen, shape, rank=8, alpha=4.0):
+    out, inp, *kernel = shape
+    return {
+        "lora_down.weight": torch.randn(rank, inp, *kernel, generator=gen) * 0.05,
+        "lora_up.weight": torch.randn(out, rank, *([1] * len(kernel)), generator=gen) * 0.05,
+        "alpha": torch.tensor(alpha),
+    }
+
+
+def _loha(gen, shape, rank=4, alpha=2.0):
+    out, flat = shape[0], int(torch.tensor(shape[1:]).prod())
+    return {
+        "hada_w1_a": torch.randn(out, rank, generator=gen) * 0.1,
+        "hada_w1_b": torch.randn(rank, flat, generator=gen) * 0.1,
+        "hada_w2_a": torch.randn(out, rank, generator=gen) * 0.1,
+        "hada_w2_b": torch.randn(rank, flat, generator=gen) * 0.1,
+        "alpha": torch.tensor(alpha),
+    }
+
+
+def _factor(dim: int) -> tuple[int, int]:
+    """Most balanced split a*b = dim with a <= b (LyCORIS's factor -1)."""
+    a = int(dim ** 0.5)
+    while dim % a:
+        a -= 1
+    return a, dim // a
+
+
+def _lokr(gen, shape, rank=4, alpha=4.0):
+    out, inp, *kernel = shape
+    (a, b), (c, d) = _factor(out), _factor(inp)
+    flat = d * int(torch.tensor(kernel or [1]).prod())
+    return {
+        "lokr_w1": torch.randn(a, c, generator=gen) * 0.1,
+        "lokr_w2_a": torch.randn(b, rank, generator=gen) * 0.1,
+        "lokr_w2_b": torch.randn(rank, flat, generator=gen) * 0.1,
+        "alpha": torch.tensor(alpha),
+    }
+
+
+BUILDERS = {"lora": _lora, "loha": _loha, "lokr": _lokr}
+
+
+def demo_tensors(algo: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in DEMO_MODULES:
+        for suffix, value in BUILDERS[algo](gen, shape).items():
+            tensors[f"{name}.{suffix}"] = value.to(torch.float16)
+    return tensors
+
+
+def write_demo_files(folder, overwrite: bool = False) -> list[Path]:
+    """Write demo_lora / demo_loha / demo_lokr .safetensors into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for seed, algo in enumerate(BUILDERS):
+        path = folder / f"demo_{algo}.safetensors"
+        meta = dict(DEMO_METADATA, ss_network_args=json.dumps({"algo": algo}))
+        written.append(save_tensors(demo_tensors(algo, seed), path, meta, overwrite=overwrite))
+    return written

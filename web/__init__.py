@@ -1,0 +1,1 @@
+"""Front ends: the ComfyUI extension (``web/js``) and the standalone Gradio panel."""
