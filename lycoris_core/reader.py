@@ -96,6 +96,7 @@ class SafetensorsSource(TensorSource):
         header, self.metadata, self.data_start = read_safetensors_header(self.path)
         self._entries = header
         self._handle = None
+        self._mmap = None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
@@ -132,8 +133,24 @@ class SafetensorsSource(TensorSource):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def mmap_tensor(self, key: str) -> torch.Tensor:
+        """A read-only tensor viewing the file's bytes: no copy, no NaN check (for restoring originals)."""
+        import warnings
+
+        import numpy as np
+
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin, end = self._entries[key]["data_offsets"]
+        raw = self._mmap[self.data_start + begin : self.data_start + end]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only is what we want
+            flat = torch.from_numpy(raw)
+        return flat.view(self.dtype(key)).reshape(self.shape(key))
+
     def close(self) -> None:
         self._handle = None
+        self._mmap = None
 
 
 def _checked(source: str, key: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,11 @@ weights, presets are class state); booleans are passed as real bools.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +79,9 @@ class Variant:
     conv_dim: int = CONV_DIM
     conv_alpha: float = CONV_ALPHA
     preset: str = "sd15"  # "sd15" or "ia3"
-    deterministic: bool = True  # False when LyCORIS's forward is random (DyLoRA)
+    #: False when LyCORIS's forward cannot serve as the oracle for the saved file:
+    #: DyLoRA picks a random rank per call, T-LoRA's SVD base is never saved
+    forward_oracle: bool = True
 
 
 VARIANTS: dict[str, Variant] = {
@@ -108,7 +112,8 @@ VARIANTS: dict[str, Variant] = {
     "boft": Variant("boft", {"rescaled": True}),
     "boft-constrained": Variant("boft", {"constraint": 1e-3}),
     "norms": Variant("lora", {"train_norm": True}),
-    "dylora": Variant("dylora", {"block_size": 2}, deterministic=False),
+    "dylora": Variant("dylora", {"block_size": 2}, forward_oracle=False),
+    "tlora": Variant("tlora", forward_oracle=False),
 }
 
 
@@ -172,7 +177,21 @@ def _preset_file(kind: str) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def _quiet_gc():
+    """T-LoRA calls gc.collect() once per module; with the other networks alive that is seconds each."""
+    import lycoris.modules.tlora as tlora
+
+    saved = tlora.gc
+    tlora.gc = types.SimpleNamespace(collect=lambda *args: 0)
+    try:
+        yield
+    finally:
+        tlora.gc = saved
+
+
 _BUILT: dict[tuple[str, int], Built] = {}
+_WRITTEN: set[Path] = set()
 
 
 def build_network(variant: str, seed: int = 0) -> Built:
@@ -187,11 +206,12 @@ def build_network(variant: str, seed: int = 0) -> Built:
     # apply_preset only overwrites keys a preset names, so maps from an earlier preset leak
     cls = lk.LycorisNetworkKohya
     cls.MODULE_ALGO_MAP, cls.NAME_ALGO_MAP, cls.USE_FNMATCH, cls.TARGET_EXCLUDE_NAME = {}, {}, False, []
-    net = lk.create_network(
-        1.0, spec.dim, spec.alpha, None, te, unet,
-        algo=spec.algo, conv_dim=spec.conv_dim, conv_alpha=spec.conv_alpha,
-        preset=_preset_file(spec.preset), **spec.kwargs,
-    )
+    with _quiet_gc():
+        net = lk.create_network(
+            1.0, spec.dim, spec.alpha, None, te, unet,
+            algo=spec.algo, conv_dim=spec.conv_dim, conv_alpha=spec.conv_alpha,
+            preset=_preset_file(spec.preset), **spec.kwargs,
+        )
     modules = list(net.text_encoder_loras) + list(net.unet_loras)
     if not modules:
         raise RuntimeError(f"variant {variant!r} created no LyCORIS modules")
@@ -206,7 +226,9 @@ def build_network(variant: str, seed: int = 0) -> Built:
     net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for p in net.parameters():
+        for pname, p in net.named_parameters():
+            if pname.endswith("scalar"):
+                p.fill_(1.0)  # starts at 0; a trained one is O(1) and is folded into "up" on save
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * NOISE)
     net.eval()
     built = Built(variant, net, unet, te, layers, {m.lora_name: m for m in modules})
@@ -225,11 +247,12 @@ def make_adapter(variant: str, dtype: torch.dtype = torch.float32, out_dir=None,
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = str(dtype).removeprefix("torch.")
     path = out_dir / f"{variant}-s{seed}-{tag}.safetensors"
-    if not path.exists():
+    if path not in _WRITTEN:  # never trust a file from an earlier run: the recipe may have changed
         tmp = path.with_suffix(".tmp.safetensors")
         built.net.save_weights(str(tmp), dtype, {"ss_network_module": "lycoris.kohya",
                                                  "ss_network_args": repr(VARIANTS[variant])})
         tmp.replace(path)
+        _WRITTEN.add(path)
     return path, built.layers
 
 

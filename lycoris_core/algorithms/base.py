@@ -15,6 +15,7 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..reader import TensorSource
+from ..rounding import to_dtype
 
 
 def prod(values) -> int:
@@ -158,18 +159,31 @@ class AdapterModule:
         """float32 W'(s) - W0: strength times ΔW for everything linear in strength."""
         return self.delta(weight) * float(strength)
 
-    def apply(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """The patched weight in weight's dtype: one rounding from float32."""
+    def apply(self, weight: torch.Tensor, strength: float = 1.0, key: str | None = None) -> torch.Tensor:
+        """The patched weight in weight's dtype: float32 math, one rounding.
+
+        ``key`` seeds the stochastic rounding of fp8 weights (as the patch engine does).
+        """
         if strength == 0:
             return weight.clone()
-        out = weight.to(torch.float32) + self.strength_delta(weight, strength)
-        return out.to(weight.dtype)
+        out = weight.to(torch.float32, copy=True)
+        if self.linear_in_strength:
+            out.add_(self.delta(weight), alpha=strength)
+        else:
+            out.add_(self.strength_delta(weight, strength))
+        return to_dtype(out, weight.dtype, key)
 
     # ---- DoRA ----------------------------------------------------------------------------
     def _validate_dora(self) -> None:
         shape = self._shape("dora_scale")
         out = self.shape[0] if self.shape else None
-        if len(shape) == 1 or (len(shape) >= 2 and shape[0] != 1 and prod(shape[1:]) == 1):
+        if "lora_magnitude_vector" in self.keys["dora_scale"]:
+            # PEFT's magnitude is always per output channel, but conv layers save it
+            # (1, out, 1, 1): read by shape alone it looks like LyCORIS's input axis.
+            self.dora_axis = "out"
+            if out is not None and prod(shape) != out:
+                raise self._fail(f"magnitude shape {shape} does not match {out} output rows", "dora_scale")
+        elif len(shape) == 1 or (len(shape) >= 2 and prod(shape[1:]) == 1 and (shape[0] != 1 or out == 1)):
             self.dora_axis = "out"
             if out is not None and shape[0] != out:
                 raise self._fail(f"dora_scale shape {shape} does not match {out} output rows", "dora_scale")

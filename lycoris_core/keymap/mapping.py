@@ -42,6 +42,8 @@ class Target:
 
 @dataclass
 class MatchReport:
+    """Per-module outcome of one mapping; `summary()` is the one line to show users."""
+
     adapter_arch: str
     model: ModelLayout
     targets: dict[str, Target] = field(default_factory=dict)
@@ -64,11 +66,12 @@ class MatchReport:
 
     @property
     def is_partial(self) -> bool:
-        """Some applicable module was left out (only possible with allow_partial=True)."""
+        """Some applicable module was left out (unknown name or wrong shape)."""
         return bool(self.unmatched or self.mismatched)
 
     @property
     def refused(self) -> bool:
+        """The adapter fails the architecture check (map_adapter raises unless allow_partial)."""
         applicable = len(self.part_of)
         return bool(self.mismatched) or 2 * len(self.targets) < applicable
 
@@ -77,11 +80,11 @@ class MatchReport:
         return sorted(blocks, key=_block_order)
 
     def summary(self) -> str:
+        return f"{self.adapter_arch} adapter on {self.model_arch} model: {self._tally()}"
+
+    def _tally(self) -> str:
         parts = ", ".join(f"{p} {m}/{n}" for p, (m, n) in self.counts.items()) or "nothing"
-        line = (
-            f"{self.adapter_arch} adapter on {self.model_arch} model: {parts} matched, "
-            f"{len(self.mismatched)} shape mismatches"
-        )
+        line = f"{parts} matched, {len(self.mismatched)} shape mismatches"
         if self.not_applicable:
             line += f", {len(self.not_applicable)} not applicable (part absent from the model)"
         return line
@@ -181,9 +184,10 @@ def map_adapter(
 
 
 def _refusal(report: MatchReport) -> str:
-    first = "; ".join(f"{m} {ms} vs {k} {ws}" for m, k, ms, ws in report.mismatched[:3])
+    first = "; ".join(f"{m} {ms} vs {k} {ws}" for m, k, ms, ws in report.mismatched[:2])
     return (
         f"{report.adapter_arch} adapter does not fit this {report.model.describe()}: "
-        f"{report.summary()}" + (f" (e.g. {first})" if first else "")
+        f"{report._tally()}"
+        + (f" (e.g. {first})" if first else "")
         + ". Nothing was applied; pass allow_partial=True to apply only the modules that fit."
     )

@@ -8,7 +8,7 @@ plus a form; every form's aliases are generated once per architecture from `sd_l
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from .sd_layouts import modules
 
@@ -49,10 +49,13 @@ def _dotted_aliases(part: str, name: str, ldm: str | None) -> set[str]:
                 aliases.add(f"{head}.attn{index}.processor.{_PROCESSOR[child]}")
     elif name.startswith("text_model."):
         aliases.add(name[len("text_model.") :])  # transformers 5 flattens CLIPTextModel
+        head, sep, proj = name.rpartition(".self_attn.")
+        if sep and proj.endswith("_proj"):  # old diffusers TE processors: self_attn.to_q
+            aliases.add(f"{head}.self_attn.to_{proj[: -len('_proj')]}")
     return aliases
 
 
-@lru_cache(maxsize=None)
+@cache
 def alias_index(arch: str) -> dict[str, dict[str, dict[str, str]]]:
     """form ("dot" | "us") -> part -> alias -> canonical name. Raises on an ambiguous alias."""
     index: dict[str, dict[str, dict[str, str]]] = {"dot": {}, "us": {}}

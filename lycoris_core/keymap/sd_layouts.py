@@ -8,7 +8,7 @@ Pure python: no torch, no diffusers, no transformers (those only cross-check it 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 Shape = tuple[int, ...]
 
@@ -160,12 +160,18 @@ class _UNetBuilder:
 
     def build(self) -> tuple[ModuleSpec, ...]:
         cfg = self.cfg
-        chans, n_layers, n = cfg.block_out_channels, cfg.layers_per_block, len(cfg.block_out_channels)
+        chans, n_layers, n = (
+            cfg.block_out_channels,
+            cfg.layers_per_block,
+            len(cfg.block_out_channels),
+        )
         self.conv("conv_in", "input_blocks.0.0", chans[0], cfg.in_channels)
         self.linear("time_embedding.linear_1", "time_embed.0", self.temb, chans[0])
         self.linear("time_embedding.linear_2", "time_embed.2", self.temb, self.temb)
         if cfg.addition_embed_dim:
-            self.linear("add_embedding.linear_1", "label_emb.0.0", self.temb, cfg.addition_embed_dim)
+            self.linear(
+                "add_embedding.linear_1", "label_emb.0.0", self.temb, cfg.addition_embed_dim
+            )
             self.linear("add_embedding.linear_2", "label_emb.0.2", self.temb, self.temb)
 
         in_ch = chans[0]
@@ -236,7 +242,7 @@ def text_modules(cfg: TextConfig, part: str, layers: int | None = None) -> tuple
     return tuple(ModuleSpec(part, name, None, w, b, "BASE") for name, w, b in rows)
 
 
-@lru_cache(maxsize=None)
+@cache
 def modules(arch: str) -> tuple[ModuleSpec, ...]:
     """Every weight-bearing module of an architecture (UNet, then te1, then te2)."""
     a = ARCHITECTURES[arch]
@@ -246,13 +252,13 @@ def modules(arch: str) -> tuple[ModuleSpec, ...]:
     return specs
 
 
-@lru_cache(maxsize=None)
+@cache
 def diffusers_to_ldm(arch: str) -> dict[str, str]:
     """The diffusers -> LDM/SGM module-name correspondence of the UNet."""
     return {s.name: s.ldm for s in modules(arch) if s.part == "unet" and s.ldm is not None}
 
 
-@lru_cache(maxsize=None)
+@cache
 def spec_index(arch: str) -> dict[tuple[str, str], ModuleSpec]:
     """(part, canonical name) -> ModuleSpec."""
     return {(s.part, s.name): s for s in modules(arch)}

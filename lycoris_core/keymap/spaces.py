@@ -8,7 +8,7 @@ shape of every stored tensor. Generated once from `sd_layouts`; never touches re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from .sd_layouts import ARCHITECTURES, ModuleSpec, Shape, modules
 
@@ -50,7 +50,11 @@ class SpaceTable:
     keys: dict[str, dict[str, Shape]]  # part -> {stored key: stored shape}
 
 
-_UNET_PREFIX = {"comfy": "diffusion_model.", "checkpoint": "model.diffusion_model.", "diffusers": "unet."}
+_UNET_PREFIX = {
+    "comfy": "diffusion_model.",
+    "checkpoint": "model.diffusion_model.",
+    "diffusers": "unet.",
+}
 
 # (arch, part, space) -> (prefix, openclip layout?, projection stored?); layers default to all
 _TEXT = {
@@ -138,7 +142,7 @@ def _stored(slot: Slot, spec: ModuleSpec) -> dict[str, Shape]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def space_table(arch: str, space: str) -> SpaceTable:
     slots: dict[tuple[str, str], Slot] = {}
     keys: dict[str, dict[str, Shape]] = {}

@@ -1,0 +1,251 @@
+"""Patch-engine benchmark: first patch, strength-only change, restore and peak memory.
+
+Every case is measured against a reference run in the same process that does what
+ComfyUI does per key: cast the weight to float32, compute the delta, add
+strength x delta, cast back; one key at a time, no caching, originals kept as backups.
+
+    python bench/patch.py                      # SD1.5 all algorithms + SDXL LoRA/LoKr
+    python bench/patch.py --arch sd1 --algos lora,loha --cache-mb 0,1024,4096
+    python bench/patch.py --write-docs         # also replace the table in docs/benchmarks.md
+
+Weights are random fp16 values with the real SD1.5/SDXL UNet and text-encoder names
+and shapes; adapters are synthetic with realistic ranks (see ``CASES``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from safetensors.torch import save_file  # noqa: E402
+
+from lycoris_core import load_adapter  # noqa: E402
+from lycoris_core.keymap import state_shapes  # noqa: E402
+from lycoris_core.patch import AdapterSpec, WeightPatcher, build_plan  # noqa: E402
+from lycoris_core.reader import SafetensorsSource  # noqa: E402
+from lycoris_core.synthetic import attention_only, default_targets, synthetic_adapter  # noqa: E402
+
+# name -> (synthetic algo, options)
+CASES = {
+    "LoRA dim32/conv16": ("lora", dict(rank=32, conv_rank=16)),
+    "LoCon-Tucker dim32/conv16": ("locon_tucker", dict(rank=32, conv_rank=16)),
+    "LoHa dim16": ("loha", dict(rank=16)),
+    "LoHa-Tucker dim16": ("loha_tucker", dict(rank=16)),
+    "LoKr factor -1": ("lokr", dict(rank=8)),
+    "LoKr factor 8, full w2": ("lokr", dict(rank=8, factor=8, full_w2=True)),
+    "Full, attention only": ("full", dict(select=attention_only)),
+    "DoRA dim32": ("dora", dict(rank=32, conv_rank=16)),
+}
+SDXL_DEFAULT = ["LoRA dim32/conv16", "LoKr factor -1"]
+
+
+class PeakRSS:
+    """Polls anonymous RSS (/proc/self/status RssAnon) in a thread; reports the peak above a start value."""
+
+    def __init__(self):
+        self.peak = self.start = self._read()
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _read() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        self.start = self.peak = self._read()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._read())
+
+    @property
+    def above_start(self) -> int:
+        return self.peak - self.start
+
+
+def make_weights(arch: str) -> dict[str, torch.Tensor]:
+    shapes = state_shapes(arch, "comfy")
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.float16)
+        t.copy_(torch.rand(shape, generator=gen, dtype=torch.float32).sub_(0.5).mul_(0.1))
+        weights[key] = t
+    return weights
+
+
+def reference_patch(weights, plan):
+    """ComfyUI's per-key path: fp32 copy, delta, strength x delta, add, cast back; backups kept."""
+    backups = {}
+    for key, contributions in plan.contributions.items():
+        weight = weights[key]
+        backups[key] = weight
+        temp = weight.to(torch.float32, copy=True)
+        for c in contributions:
+            if c.bias:
+                temp += c.strength * c.module.bias_delta()
+                continue
+            if c.module.linear_in_strength:
+                base = weight if c.module.uses_weight else None
+                delta = c.module.delta(base.reshape(c.target.shape) if base is not None else None)
+                temp += c.strength * delta.reshape(temp.shape)
+            else:
+                temp += c.module.strength_delta(weight, c.strength).reshape(temp.shape)
+        weights[key] = temp.to(weight.dtype)
+    return backups
+
+
+def reference_restore(weights, backups):
+    for key, original in backups.items():
+        weights[key] = original
+
+
+def timed(fn):
+    gc.collect()
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def largest_layers_bytes(weights, keys, n=2) -> int:
+    sizes = sorted((weights[k].numel() * 4 for k in keys), reverse=True)  # float32 working copies
+    return sum(sizes[:n])
+
+
+def run_case(arch, weights, source, name, cache_bytes):
+    algo, options = CASES[name]
+    options = dict(options)
+    select = options.pop("select", default_targets)
+    adapter = load_adapter(synthetic_adapter(arch, algo, select=select, seed=1, **options))
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    spec = [AdapterSpec(adapter, 1.0, 1.0)]
+    plan = build_plan(spec, shapes)
+    touched = plan.keys()
+
+    # reference: first patch, a strength change (= full re-patch), restore
+    t_ref, backups = timed(lambda: reference_patch(weights, plan))
+    reference_restore(weights, backups)
+    plan_half = build_plan([AdapterSpec(adapter, 0.5, 0.5)], shapes)
+    t_ref2, backups = timed(lambda: reference_patch(weights, plan_half))
+    t_ref_restore, _ = timed(lambda: reference_restore(weights, backups))
+    del backups
+
+    patcher = WeightPatcher(weights, cache_bytes=cache_bytes, restore_from=source)
+    with PeakRSS() as mem:
+        t_first, _ = timed(lambda: patcher.apply(spec))
+        t_strength, _ = timed(lambda: patcher.apply([AdapterSpec(adapter, 0.5, 0.5)]))
+        t_restore, _ = timed(patcher.restore)
+    cache_used = patcher.cache.used
+    patcher.cache.clear()
+    budget_ok = mem.above_start <= cache_bytes + largest_layers_bytes(weights, touched)
+    return {
+        "case": name, "keys": len(touched), "modules": len(adapter.modules),
+        "ref_first": t_ref, "first": t_first, "ref_strength": t_ref2, "strength": t_strength,
+        "ref_restore": t_ref_restore, "restore": t_restore,
+        "peak_mb": mem.above_start / 2**20, "cache_mb": cache_used / 2**20,
+        "bound_mb": (cache_bytes + largest_layers_bytes(weights, touched)) / 2**20, "bound_ok": budget_ok,
+    }
+
+
+def fmt_table(rows, arch, cache_mb):
+    lines = [
+        f"**{arch}**, cache budget {cache_mb} MiB (times in seconds; ratio = reference / ours)",
+        "",
+        "| adapter | keys | first patch (ref → ours) | × | strength change (ref re-patch → ours) | × "
+        "| restore (ours) | peak RSS above weights | bound (budget + 2 largest) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['keys']} | {r['ref_first']:.2f} → {r['first']:.2f} | {r['ref_first'] / r['first']:.1f} "
+            f"| {r['ref_strength']:.2f} → {r['strength']:.2f} | {r['ref_strength'] / r['strength']:.1f} "
+            f"| {r['restore']:.2f} | {r['peak_mb']:.0f} MiB | {r['bound_mb']:.0f} MiB {'ok' if r['bound_ok'] else 'OVER'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd1,sdxl", help="comma list of sd1, sd2, sdxl")
+    parser.add_argument("--algos", default="", help="comma list of case-name prefixes (default: all for sd1, "
+                                                     "LoRA and LoKr for sdxl)")
+    parser.add_argument("--cache-mb", default="1024", help="comma list of delta-cache budgets to compare")
+    parser.add_argument("--write-docs", action="store_true", help="replace the Patch section of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+           f"{torch.get_num_threads()} threads. Command: `python bench/patch.py {' '.join(argv or sys.argv[1:])}`".strip()]
+    t_all = time.perf_counter()
+    for arch in args.arch.split(","):
+        t0 = time.perf_counter()
+        weights = make_weights(arch)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.safetensors"
+            save_file(weights, str(path))
+            source = SafetensorsSource(path)
+            total = sum(t.numel() * t.element_size() for t in weights.values())
+            print(f"{arch}: {len(weights)} tensors, {total / 2**30:.2f} GiB fp16 (setup {time.perf_counter() - t0:.0f}s)",
+                  flush=True)
+            names = [n for n in CASES if not args.algos or any(n.startswith(a) for a in args.algos.split(","))]
+            if arch == "sdxl" and not args.algos:
+                names = SDXL_DEFAULT
+            for cache_mb in (int(c) for c in args.cache_mb.split(",")):
+                rows = []
+                for name in names:
+                    row = run_case(arch, weights, source, name, cache_mb << 20)
+                    rows.append(row)
+                    print(f"  {name}: first {row['ref_first']:.2f}->{row['first']:.2f}s, strength "
+                          f"{row['ref_strength']:.2f}->{row['strength']:.2f}s, peak {row['peak_mb']:.0f} MiB", flush=True)
+                table = fmt_table(rows, arch, cache_mb)
+                print(table, flush=True)
+                out.append(table)
+            source.close()
+        del weights
+        gc.collect()
+    out.append(f"Total run time: {time.perf_counter() - t_all:.0f} s.")
+    text = "\n\n".join(out)
+    if args.write_docs:
+        write_docs_section("Patch", text)
+    return 0
+
+
+def write_docs_section(title: str, body: str) -> None:
+    """Replace (or append) the '## <title>' section's generated block in docs/benchmarks.md."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {title.lower()}:start -->", f"<!-- {title.lower()}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Merge adapters of any algorithm into one LoRA/LoCon by per-module truncated SVD.
+
+For every model weight the inputs touch, the exact strength-scaled sum Σ sᵢ·ΔWᵢ is
+rebuilt in float32 (so a strength is applied once, never squared), then factored at
+the requested rank (``lycoris_core.svd``).  Modules that name the same layer in
+different ways are aligned through the key map: every adapter is mapped onto the
+ComfyUI key space of its architecture and the deltas are summed per weight key.
+Output modules use kohya names (``lora_unet_…``, ``lora_te_…``/``lora_te1_``/``lora_te2_``)
+and store ``alpha = rank`` (scale 1), so the factors carry the whole delta.
+
+``convert`` (one adapter, e.g. LoHa/LoKr → LoRA) and ``resize`` (shrink a rank) are
+merges of a single input.  Algorithms whose delta depends on the base weight (IA³,
+GLoRA, OFT/BOFT, DoRA) need ``base``; without it they are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ArchitectureMismatchError, LycorisError
+
+ProgressFn = Callable[[int, int, str], None]
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class MergeError(LycorisError):
+    """Adapters that cannot be merged, converted, baked or extracted as asked."""
+
+
+@dataclass
+class MergeInput:
+    path: str
+    strength_unet: float = 1.0
+    strength_clip: float = 1.0
+    blocks: str | None = None
+
+    def recipe(self) -> dict:
+        return {"name": os.path.basename(self.path), **file_identity(self.path),
+                "strength_unet": self.strength_unet, "strength_clip": self.strength_clip,
+                "blocks": self.blocks}
+
+
+def file_identity(path: str, hash_limit: int = 2 << 30) -> dict:
+    """sha256 of a file (streamed), or only its size when it is larger than ``hash_limit``."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    if size > hash_limit:
+        return {"size": size}
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+class Progress:
+    """Calls ``callback(done, total, desc)``, or shows a tqdm bar when there is none."""
+
+    def __init__(self, total: int, desc: str, callback: ProgressFn | None = None, unit: str = "it"):
+        self.total, self.desc, self.callback, self.done = total, desc, callback, 0
+        self.bar = None
+        if callback is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
+        else:
+            callback(0, total, desc)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self.callback(self.done, self.total, self.desc)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- reports --------------------------------------------------------------------------------
+
+@dataclass
+class MergeReport:
+    rows: list[dict] = field(default_factory=list)
+    total_error: float = 0.0  # relative Frobenius error over every merged module
+    total_kept_energy: float = 1.0
+    path: str | None = None
+    size_bytes: int = 0
+    dry_run: bool = False
+    match_lines: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    title: str = "merge"
+
+    @property
+    def merged(self) -> list[dict]:
+        return [r for r in self.rows if not r["skipped"]]
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [r for r in self.rows if r["skipped"]]
+
+    def to_text(self) -> str:
+        lines = [f"{self.title}: {len(self.merged)} modules written, {len(self.skipped)} skipped"]
+        lines += self.match_lines
+        width = max((len(r["module"]) for r in self.rows), default=10)
+        lines.append(f"{'module':<{width}}  rank  kept_energy  rel_error  method")
+        for r in self.rows:
+            if r["skipped"]:
+                lines.append(f"{r['module']:<{width}}  skipped: {r['skipped']}")
+            else:
+                lines.append(f"{r['module']:<{width}}  {r['rank']:>4}  {r['kept_energy']:>11.6f}  "
+                             f"{r['rel_error']:>9.3e}  {r.get('method', '')}")
+        lines.append(f"total: kept energy {self.total_kept_energy:.6f}, relative error {self.total_error:.3e}")
+        if self.path:
+            lines.append(f"wrote {self.path} ({self.size_bytes} bytes) in {self.seconds:.1f}s")
+        elif self.dry_run:
+            lines.append("dry run: nothing written")
+        return "\n".join(lines)
+
+
+class ErrorTotals:
+    def __init__(self):
+        self.err_sq = 0.0
+        self.total_sq = 0.0
+        self.kept_sq = 0.0
+
+    def add(self, total_sq: float, rel_error: float, kept: float) -> None:
+        self.total_sq += total_sq
+        self.err_sq += total_sq * rel_error ** 2
+        self.kept_sq += total_sq * kept
+
+    def fill(self, report) -> None:
+        report.total_error = math.sqrt(self.err_sq / self.total_sq) if self.total_sq else 0.0
+        report.total_kept_energy = self.kept_sq / self.total_sq if self.total_sq else 1.0
+
+
+# ---- names and block weights ---------------------------------------------------------------
+
+def kohya_name(arch: str, part: str, canonical: str) -> str:
+    """The kohya module name of a canonical (part, name): SD1/SD2 UNet names follow diffusers,
+    SDXL's follow SGM; text encoders are lora_te_ (one TE) or lora_te1_/lora_te2_."""
+    if part == "unet":
+        if arch == "sdxl":
+            from .keymap.sd_layouts import spec_index
+
+            canonical = spec_index(arch)[(part, canonical)].ldm or canonical
+        return "lora_unet_" + canonical.replace(".", "_")
+    prefix = "lora_te_" if arch != "sdxl" else ("lora_te1_" if part == "te1" else "lora_te2_")
+    return prefix + canonical.replace(".", "_")
+
+
+# ---- gathering deltas ------------------------------------------------------------------------
+
+@dataclass
+class Contribution:
+    adapter_index: int
+    module_name: str
+    module: object
+    strength: float
+    target: object  # keymap Target
+    patch: object = None  # the patch engine's Contribution, when the architecture is known
+
+
+def load_inputs(inputs: list[MergeInput]):
+    from .adapter import load_adapter
+
+    if not inputs:
+        raise MergeError("no adapters given")
+    return [load_adapter(i.path) for i in inputs]
+
+
+def model_arch(adapters, base_shapes=None) -> str:
+    from .keymap import detect_adapter, detect_model
+
+    if base_shapes is not None:
+        layout = detect_model(base_shapes)
+        if layout.arch == "unknown":
+            raise ArchitectureMismatchError("the base checkpoint is not a known SD1/SD2/SDXL layout")
+        return layout.arch
+    archs = {a.name: detect_adapter(a.modules) for a in adapters}
+    known = {v for v in archs.values() if v != "unknown"}
+    if not known:
+        return "unknown"  # merged by module name, as the files spell them
+    if len(known) > 1:
+        raise ArchitectureMismatchError(
+            "adapters are for different architectures: " + ", ".join(f"{k}: {v}" for k, v in archs.items()))
+    return known.pop()
+
+
+def gather(adapters, inputs: list[MergeInput], arch: str, shapes, rows: list[dict],
+           match_lines: list[str]) -> dict[str, list[Contribution]]:
+    """weight key -> contributions, mapping every adapter onto ``shapes`` with the patch engine's
+    rules (``patch.build_plan``: UNet strength x block weight, CLIP strength x BASE weight)."""
+    from .patch import AdapterSpec, build_plan
+
+    specs = [AdapterSpec(a, i.strength_unet, i.strength_clip, i.blocks) for a, i in zip(adapters, inputs)]
+    plan = build_plan(specs, shapes)
+    index_of = {id(a): n for n, a in enumerate(adapters)}
+    owner = {id(m): a for a in adapters for m in a.modules.values()}
+    name_of = {id(m): name for a in adapters for name, m in a.modules.items()}
+    for adapter, spec, report in zip(adapters, inputs, plan.reports):
+        match_lines.append(f"{os.path.basename(spec.path)}: {report.summary()}")
+        for name in report.unmatched:
+            rows.append(_skip(name, "no matching layer in the model", adapter))
+        for name, key, mshape, wshape in report.mismatched:
+            rows.append(_skip(name, f"shape {mshape} does not fit {key} {wshape}", adapter))
+        for name in report.not_applicable:
+            rows.append(_skip(name, "its model part is absent", adapter))
+        for key, reason in adapter.unknown_reasons.items():
+            rows.append(_skip(key, f"unknown key: {reason}", adapter))
+    groups: dict[str, list[Contribution]] = {}
+    for key, contribs in plan.contributions.items():
+        for c in contribs:
+            adapter = owner[id(c.module)]
+            name = name_of[id(c.module)]
+            if c.bias:
+                rows.append(_skip(name + " (bias)", "bias delta dropped: LoRA has no bias", adapter))
+                continue
+            groups.setdefault(key, []).append(Contribution(index_of[id(adapter)], name, c.module, c.strength,
+                                                           c.target, c))
+    return groups
+
+
+@dataclass(frozen=True)
+class NameTarget:
+    """Stand-in for a keymap Target when no architecture is known: the module is its own key."""
+
+    weight_key: str
+    shape: tuple
+    part: str
+    block: str | None = None
+    bias_key: str | None = None
+    rows: tuple | None = None
+    transposed: bool = False
+
+
+def gather_by_name(adapters, inputs, rows, match_lines) -> dict[str, list[Contribution]]:
+    """Unknown architecture: modules are summed when they have the same name and shape."""
+    groups: dict[str, list[Contribution]] = {}
+    for index, (adapter, spec) in enumerate(zip(adapters, inputs)):
+        if spec.blocks:
+            raise MergeError("block weights need a known architecture (SD1/SD2/SDXL)")
+        match_lines.append(f"{os.path.basename(spec.path)}: unknown architecture, "
+                           f"{len(adapter.modules)} modules kept under their own names")
+        for key, reason in adapter.unknown_reasons.items():
+            rows.append(_skip(key, f"unknown key: {reason}", adapter))
+        for name, module in adapter.modules.items():
+            is_te = name.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))
+            strength = spec.strength_clip if is_te else spec.strength_unet
+            shape = tuple(module.shape)
+            if module.algo == "ia3" or not shape:
+                rows.append(_skip(name, f"{module.describe()} needs a known architecture", adapter))
+                continue
+            have = groups.get(name)
+            if have and tuple(have[0].target.shape) != shape:
+                rows.append(_skip(name, f"shape {shape} differs from another input's {have[0].target.shape}",
+                                  adapter))
+                continue
+            target = NameTarget(name, shape, "te" if is_te else "unet")
+            groups.setdefault(name, []).append(Contribution(index, name, module, strength, target))
+    return groups
+
+
+def _skip(name: str, reason: str, adapter=None) -> dict:
+    source = os.path.basename(adapter.name) if adapter is not None else ""
+    return {"module": name, "rank": 0, "kept_energy": 0.0, "rel_error": 0.0, "skipped": reason,
+            "source": source}
+
+
+def summed_delta(contribs: list[Contribution], weight: torch.Tensor | None, shape) -> torch.Tensor:
+    """Σ sᵢ·ΔWᵢ in float32 for one weight (``weight`` is the base weight, when known)."""
+    total = torch.zeros(shape, dtype=torch.float32)
+    if contribs and contribs[0].patch is not None:
+        from .patch import accumulate
+
+        base = weight if weight is not None else torch.zeros(shape, dtype=torch.float32)
+        return accumulate(total, base, [c.patch for c in contribs])
+    for c in contribs:
+        if c.strength == 0:
+            continue
+        d = c.module.strength_delta(weight, c.strength)
+        total += d.reshape(shape)
+    return total
+
+
+# ---- factoring -------------------------------------------------------------------------------
+
+def factorize(delta: torch.Tensor, rank_mode: str, rank_param: float, conv_tucker: bool, svd: str,
+              save_dtype: torch.dtype = torch.float32):
+    """LoRA/LoCon tensors (suffix -> tensor) for one delta, and its stats row.
+
+    Errors are measured after rounding the factors to ``save_dtype``, so they are the
+    errors of the file as written.
+    """
+    from .svd import truncate, tucker2
+
+    shape = tuple(delta.shape)
+    total_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    out_ch = shape[0]
+    kernel = shape[2:]
+    conv = len(shape) > 2
+    big_kernel = conv and math.prod(kernel) > 1
+    if big_kernel and conv_tucker:
+        t = tucker2(delta, rank_mode, rank_param, svd)
+        up = t.up.reshape(out_ch, -1, 1, 1).to(save_dtype)
+        down = t.down.reshape(t.rank, shape[1], 1, 1).to(save_dtype)
+        mid = t.mid.to(save_dtype)
+        tensors = {"lora_up.weight": up, "lora_mid.weight": mid, "lora_down.weight": down}
+        rebuilt = torch.einsum("ab...,oa,bi->oi...", mid.float(), up.float().flatten(1), down.float().flatten(1))
+        rank, method, fallback = t.rank, t.method, t.fallback
+    else:
+        m = delta.reshape(out_ch, -1)
+        t = truncate(m, rank_mode, rank_param, svd)
+        up, down = t.up.to(save_dtype), t.down.to(save_dtype)
+        rebuilt = up.float() @ down.float()
+        if conv:
+            up = up.reshape(out_ch, t.rank, *([1] * len(kernel)))
+            down = down.reshape(t.rank, *shape[1:])
+        tensors = {"lora_up.weight": up.contiguous(), "lora_down.weight": down.contiguous()}
+        rank, method, fallback = t.rank, t.method, t.fallback
+    tensors["alpha"] = torch.tensor(float(rank), dtype=save_dtype)
+    err_sq = float(torch.linalg.vector_norm(delta - rebuilt.reshape(shape), dtype=torch.float64) ** 2)
+    rel = math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0
+    kept = max(0.0, 1.0 - rel * rel) if total_sq > 0 else 1.0
+    row = {"rank": rank, "kept_energy": kept, "rel_error": rel, "skipped": "",
+           "method": method + (" (fallback)" if fallback else ""), "shape": shape}
+    return tensors, row, total_sq
+
+
+# ---- the merge --------------------------------------------------------------------------------
+
+def _base_reader(base: str):
+    from .reader import SafetensorsSource
+
+    if not os.path.isfile(base):
+        raise MergeError(f"base checkpoint {base} does not exist")
+    return SafetensorsSource(base)
+
+
+def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode: str = "fixed",
+                   rank_param: float = 16, conv_tucker: bool = False, svd: str = "auto",
+                   base: str | None = None, dry_run: bool = False, overwrite: bool = False,
+                   progress: ProgressFn | None = None, save_dtype: str = "fp32",
+                   title: str = "merge") -> MergeReport:
+    """Merge ``inputs`` into one LoRA/LoCon adapter at ``out_path`` (see the module docstring)."""
+    from .keymap import state_shapes
+    from .keymap.spaces import space_table
+    from .svd import _threads, check_mode
+    from .writer import check_output, save_tensors
+
+    started = time.perf_counter()
+    try:
+        check_mode(rank_mode, rank_param)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    if svd not in ("auto", "exact", "randomized"):
+        raise MergeError(f"svd must be auto, exact or randomized, not {svd!r}")
+    if save_dtype not in SAVE_DTYPES:
+        raise MergeError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, not {save_dtype!r}")
+    if not dry_run:
+        if out_path is None:
+            raise MergeError("an output path is needed unless dry_run is set")
+        check_output(out_path, overwrite)
+
+    adapters = load_inputs(inputs)
+    base_src = _base_reader(base) if base else None
+    base_shapes = {k: base_src.shape(k) for k in base_src} if base_src else None
+    arch = model_arch(adapters, base_shapes)
+    report = MergeReport(dry_run=dry_run, title=title)
+    base_table = None
+    if arch == "unknown":
+        groups = gather_by_name(adapters, inputs, report.rows, report.match_lines)
+        slot_of = {k: (None, k) for k in groups}
+        keys = list(groups)
+    else:
+        # every adapter is summed in the ComfyUI key space: one unfused, untransposed weight per module
+        shapes = state_shapes(arch, "comfy")
+        comfy = space_table(arch, "comfy")
+        slot_of = {slot.weight_key: part_name for part_name, slot in comfy.slots.items()}
+        if base_src is not None:
+            from .keymap import detect_model
+
+            base_table = space_table(arch, detect_model(base_shapes).space)
+        groups = gather(adapters, inputs, arch, shapes, report.rows, report.match_lines)
+        order = {slot.weight_key: i for i, slot in enumerate(comfy.slots.values())}
+        keys = sorted(groups, key=lambda k: order.get(k, 1 << 30))
+    totals = ErrorTotals()
+    tensors: dict[str, torch.Tensor] = {}
+    bar = Progress(len(keys), f"{title}: factoring", progress, unit="module")
+    try:
+        for key in keys:
+            part, canonical = slot_of[key]
+            out_name = canonical if part is None else kohya_name(arch, part, canonical)
+            contribs = groups[key]
+            shape = tuple(contribs[0].target.shape)
+            usable = []
+            for c in contribs:
+                src = os.path.basename(adapters[c.adapter_index].name)
+                if c.module.uses_weight and base_src is None:
+                    what = c.module.describe()
+                    report.rows.append(_skip(c.module_name, f"{what} needs the base weight (pass --base)",
+                                             adapters[c.adapter_index]))
+                elif len(shape) < 2:
+                    report.rows.append(_skip(c.module_name, f"{c.module.describe()} on a 1-D weight "
+                                             "(norm) cannot be a LoRA", adapters[c.adapter_index]))
+                else:
+                    if c.module.has_bias and c.patch is None:
+                        report.rows.append(_skip(c.module_name + " (bias)",
+                                                 "bias delta dropped: LoRA has no bias", adapters[c.adapter_index]))
+                    usable.append(c)
+                del src
+            if not usable:
+                bar.update()
+                continue
+            weight = None
+            if base_src is not None and any(c.module.uses_weight for c in usable):
+                weight = _base_weight(base_src, base_table, part, canonical)
+            with _threads(math.prod(shape)):
+                delta = summed_delta(usable, weight, shape)
+            if not bool(torch.isfinite(delta).all()):
+                report.rows.append(_skip(out_name, "delta is not finite"))
+                bar.update()
+                continue
+            if float(delta.abs().max()) == 0:
+                report.rows.append(_skip(out_name, "delta is zero (strength 0 or cancelled)"))
+                bar.update()
+                continue
+            with _threads(math.prod(shape)):
+                module_tensors, row, total_sq = factorize(delta, rank_mode, rank_param, conv_tucker, svd,
+                                                          SAVE_DTYPES[save_dtype])
+            row["module"] = out_name
+            row["sources"] = len(usable)
+            report.rows.append(row)
+            totals.add(total_sq, row["rel_error"], row["kept_energy"])
+            if not dry_run:
+                for suffix, t in module_tensors.items():
+                    tensors[f"{out_name}.{suffix}"] = t
+            bar.update()
+    finally:
+        bar.close()
+        for a in adapters:
+            a.close()
+    totals.fill(report)
+    if not report.merged:
+        raise MergeError("nothing to merge: every module was skipped\n" + report.to_text())
+    if not dry_run:
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(max(r["rank"] for r in report.merged)),
+            "ss_network_alpha": "rank (scale 1)",
+            "lycoris_core_recipe": json.dumps({
+                "tool": f"lycoris_core {_version()}", "command": title, "inputs": [i.recipe() for i in inputs],
+                "rank_mode": rank_mode, "rank_param": rank_param, "conv_tucker": conv_tucker, "svd": svd,
+                "base": os.path.basename(base) if base else None, "alpha": "alpha = rank, scale 1",
+                "save_dtype": save_dtype,
+            }),
+        }
+        written = save_tensors(tensors, out_path, meta, overwrite=overwrite)
+        report.path = str(written)
+        report.size_bytes = os.path.getsize(written)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _base_weight(source, table, part: str, canonical: str) -> torch.Tensor:
+    slot = table.slots.get((part, canonical))
+    if slot is None or slot.weight_key not in source:
+        raise MergeError(f"base checkpoint has no weight for {part} {canonical}")
+    w = source[slot.weight_key]
+    if slot.rows is not None:
+        start, length = slot.rows
+        w = w[start:start + length]
+    if slot.transposed:
+        w = w.T
+    return w.to(torch.float32).contiguous()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def convert_adapter(path: str, out_path: str | None, **kwargs) -> MergeReport:
+    """One adapter of any algorithm → LoRA/LoCon (a merge of a single input)."""
+    kwargs.setdefault("title", "convert")
+    return merge_adapters([MergeInput(path)], out_path, **kwargs)
+
+
+def resize_adapter(path: str, out_path: str | None, **kwargs) -> MergeReport:
+    """Shrink an adapter's rank (a merge of a single input at a lower rank)."""
+    kwargs.setdefault("title", "resize")
+    return merge_adapters([MergeInput(path)], out_path, **kwargs)

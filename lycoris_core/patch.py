@@ -1,0 +1,329 @@
+"""Write adapters into model weights at UNet/CLIP/block strengths, and restore exactly.
+
+Owns the patch arithmetic every front end shares:
+- ``build_plan`` maps a stack of adapters onto a model's weight keys (through
+  ``keymap``) and records, per weight key, each module's contribution and strength;
+- ``accumulate`` adds contributions into a float32 working copy: every delta in
+  float32, several adapters summed in float32, deltas that depend on the original
+  weight (DoRA, GLoRA, (IA)³, OFT, BOFT) computed from the *original* weight, so the
+  order of a stack never matters; the caller rounds once into the weight's dtype;
+- ``DeltaCache`` keeps strength-1 deltas under a byte budget so a strength change
+  is one fused pass per weight instead of a rebuild;
+- ``WeightPatcher`` patches a state dict or module in place and restores it
+  bit-identically (from in-memory backups, or from the file the weights came from).
+It never imports ComfyUI: the nodes wrap ``accumulate`` in ComfyUI's adapter interface.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import Adapter
+from .algorithms import AdapterModule
+from .blocks import BlockWeights, parse_block_weights
+from .errors import LycorisError
+from .keymap import MatchReport, Target, map_adapter
+from .rounding import FP8_FORMATS, to_dtype
+
+DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB of float32 deltas; see docs/benchmarks.md for the trade-off
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter in a stack, with its strengths and optional block weights."""
+
+    adapter: Adapter
+    strength_unet: float = 1.0
+    strength_clip: float = 1.0
+    blocks: BlockWeights | str | Sequence[float] | None = None
+
+    def __post_init__(self):
+        self.blocks = parse_block_weights(self.blocks)
+
+
+@dataclass(frozen=True, eq=False)
+class Contribution:
+    """One module's share of one weight (or bias) key, at its effective strength."""
+
+    module: AdapterModule
+    target: Target
+    strength: float
+    bias: bool = False
+
+
+class DeltaCache:
+    """Strength-1 float32 deltas of linear-in-strength modules, bounded in bytes (LRU)."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES):
+        self.budget = max(0, int(budget_bytes))
+        self.used = 0
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, module: AdapterModule, target: Target, base: torch.Tensor | None) -> torch.Tensor:
+        if not module.linear_in_strength:
+            raise ValueError("only linear-in-strength deltas are cached")
+        key = (module, target.weight_key, target.rows, _fingerprint(base) if module.uses_weight else None)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        delta = _module_delta(module, target, base)
+        size = delta.numel() * delta.element_size()
+        if size <= self.budget:
+            with self._lock:
+                while self.used + size > self.budget and self._items:
+                    _, old = self._items.popitem(last=False)
+                    self.used -= old.numel() * old.element_size()
+                if key not in self._items:
+                    self._items[key] = delta
+                    self.used += size
+        return delta
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.used = 0
+
+
+def _fingerprint(base: torch.Tensor | None) -> bytes | None:
+    """A cheap identity of an original weight, so a cached W0-dependent delta is never reused on another."""
+    if base is None:
+        return None
+    flat = base.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 256)].to(torch.float32)
+    return bytes(str(tuple(base.shape)), "ascii") + sample.numpy().tobytes()
+
+
+def _base_view(target: Target, base: torch.Tensor | None) -> torch.Tensor | None:
+    """The original weight as the module sees it: its rows of a fused weight, untransposed."""
+    if base is None:
+        return None
+    if target.rows is not None:
+        base = base.narrow(0, target.rows[0], target.rows[1])
+    return base.t() if target.transposed else base
+
+
+def _module_delta(module: AdapterModule, target: Target, base: torch.Tensor | None,
+                  strength: float = 1.0) -> torch.Tensor:
+    view = _base_view(target, base)
+    needs = module.uses_weight
+    if module.linear_in_strength:
+        delta = module.delta(view if needs else None)
+    else:
+        delta = module.strength_delta(view, strength)
+    delta = delta.reshape(target.shape)
+    return delta.t() if target.transposed else delta
+
+
+def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Contribution],
+               cache: DeltaCache | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Add every contribution into ``out`` (float32, shaped like ``base``) in place.
+
+    ``base`` is the original weight (any dtype): deltas that depend on it use it,
+    never the running sum.  ``scale`` multiplies every strength (ComfyUI's strength_patch).
+    """
+    for c in contributions:
+        strength = c.strength * scale
+        if strength == 0:
+            continue
+        rows = c.target.rows
+        view = out if rows is None else out.narrow(0, rows[0], rows[1])
+        if c.bias:
+            view.add_(c.module.bias_delta(), alpha=strength)
+        elif c.module.linear_in_strength:
+            delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
+            view.add_(delta.reshape(view.shape), alpha=strength)
+        else:
+            view.add_(_module_delta(c.module, c.target, base, strength).reshape(view.shape))
+    return out
+
+
+def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key: str,
+                  cache: DeltaCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """round(base + Σ contributions) in base's dtype, written into ``out`` when given.
+
+    A single linear contribution on a whole fp16/bf16/fp32 weight is one fused pass
+    (bit-identical to the float32 copy + add + round it replaces).
+    """
+    live = [c for c in contributions if c.strength != 0]
+    if not live:
+        return base.clone() if out is None else out.copy_(base)
+    single = (
+        len(live) == 1 and not live[0].bias and live[0].target.rows is None
+        and live[0].module.linear_in_strength and base.dtype not in FP8_FORMATS
+    )
+    if single:
+        c = live[0]
+        delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
+        target = out if out is not None else torch.empty_like(base)
+        return torch.add(base, delta.reshape(base.shape), alpha=c.strength, out=target)
+    work = base.to(torch.float32, copy=True)
+    accumulate(work, base, live, cache)
+    result = to_dtype(work, base.dtype, key)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+@dataclass
+class PatchPlan:
+    """A stack of adapters mapped onto one model: contributions per weight/bias key."""
+
+    specs: list[AdapterSpec]
+    reports: list[MatchReport]
+    contributions: dict[str, list[Contribution]] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        return list(self.contributions)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.contributions
+
+    def delta(self, key: str, base: torch.Tensor, cache: DeltaCache | None = None) -> torch.Tensor:
+        """float32 sum of every contribution to ``key`` (patched - original, before rounding)."""
+        return accumulate(torch.zeros(base.shape, dtype=torch.float32), base, self.contributions[key], cache)
+
+    def patched(self, key: str, base: torch.Tensor, cache: DeltaCache | None = None) -> torch.Tensor:
+        """The patched tensor for ``key`` in base's dtype (fp8: seeded stochastic rounding)."""
+        return patched_value(base, self.contributions.get(key, ()), key, cache)
+
+    def summary(self) -> list[str]:
+        return [f"{spec.adapter.name}: {report.summary()}" for spec, report in zip(self.specs, self.reports)]
+
+    def blocks_touched(self) -> list[list[str]]:
+        return [report.blocks_touched() for report in self.reports]
+
+
+def contribution_strength(spec: AdapterSpec, target: Target, weights: dict[str, float] | None) -> float:
+    """UNet strength x block weight, or CLIP strength x BASE weight; modules outside blocks take plain strength."""
+    if target.part == "unet":
+        if weights is None or target.block is None:
+            return spec.strength_unet
+        return spec.strength_unet * weights.get(target.block, 0.0)
+    base_weight = 1.0 if weights is None else weights.get("BASE", 0.0)
+    return spec.strength_clip * base_weight
+
+
+def build_plan(specs: Sequence[AdapterSpec], shapes: Mapping[str, tuple[int, ...]],
+               allow_partial: bool = False) -> PatchPlan:
+    """Map each adapter onto ``shapes`` (key -> shape) and collect contributions per key.
+
+    Raises ``ArchitectureMismatchError`` for an adapter made for another model, and
+    ``BlockWeightError`` for block weights that do not fit the model, before anything changes.
+    """
+    specs = list(specs)
+    plan = PatchPlan(specs, [])
+    for spec in specs:
+        report = map_adapter(spec.adapter.modules, shapes, allow_partial=allow_partial)
+        plan.reports.append(report)
+        weights = spec.blocks.resolve(report.model_arch) if spec.blocks is not None else None
+        for name, target in report.targets.items():
+            module = spec.adapter.modules[name]
+            strength = contribution_strength(spec, target, weights)
+            plan.contributions.setdefault(target.weight_key, []).append(Contribution(module, target, strength))
+            if module.has_bias and target.bias_key is not None:
+                plan.contributions.setdefault(target.bias_key, []).append(
+                    Contribution(module, target, strength, bias=True)
+                )
+    return plan
+
+
+class WeightPatcher:
+    """Patch weights in place from a stack of adapters; restore them bit-identically.
+
+    ``weights`` is a mutable mapping of key -> tensor or an ``nn.Module``.  Originals
+    come back from ``restore_from`` (a ``TensorSource`` of the file the weights were
+    loaded from: no copies kept in memory) or, without it, from in-memory backups of
+    the touched tensors.  Every ``apply`` starts from the originals, so any sequence
+    of applies, strength changes and restores ends bit-identical.  If an apply fails
+    halfway, every weight is restored before the error propagates.
+    """
+
+    def __init__(self, weights, *, cache_bytes: int = DEFAULT_CACHE_BYTES, restore_from=None,
+                 model_shapes: Mapping[str, tuple[int, ...]] | None = None):
+        if isinstance(weights, torch.nn.Module):
+            weights = dict(weights.state_dict(keep_vars=True))
+        self.weights: MutableMapping[str, torch.Tensor] = weights
+        # the whole model's key -> shape, when ``weights`` holds only the part to patch
+        self.shapes = dict(model_shapes) if model_shapes is not None else {k: tuple(v.shape) for k, v in weights.items()}
+        self.cache = DeltaCache(cache_bytes)
+        self.restore_from = restore_from
+        self._backups: dict[str, torch.Tensor] = {}
+        self._patched: set[str] = set()
+        self.plan: PatchPlan | None = None
+
+    def original(self, key: str) -> torch.Tensor:
+        if key in self._backups:
+            return self._backups[key]
+        if key not in self._patched:
+            return self.weights[key]
+        return self._source_tensor(key)
+
+    def _source_tensor(self, key: str) -> torch.Tensor:
+        source = self.restore_from
+        tensor = source.mmap_tensor(key) if hasattr(source, "mmap_tensor") else source[key]
+        live = self.weights[key]
+        if tensor.shape != live.shape or tensor.dtype != live.dtype:
+            raise LycorisError(f"restore source {source.name} has {key} as {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"the model has {tuple(live.shape)} {live.dtype}")
+        return tensor
+
+    def _remember(self, key: str) -> None:
+        if key in self._patched:
+            return
+        live = self.weights[key]
+        if self.restore_from is None:
+            self._backups[key] = live.detach().clone()
+        else:
+            source = self._source_tensor(key)
+            flat_live, flat_src = live.detach().reshape(-1), source.reshape(-1)
+            step = max(1, flat_live.numel() // 64)
+            if not torch.equal(flat_live[::step], flat_src[::step]):
+                raise LycorisError(f"restore source {self.restore_from.name} does not hold this model's {key}")
+        self._patched.add(key)
+
+    @torch.no_grad()
+    def apply(self, specs: Sequence[AdapterSpec], allow_partial: bool = False, progress=None) -> PatchPlan:
+        """Patch the weights for this stack (replacing any earlier stack)."""
+        plan = build_plan(specs, self.shapes, allow_partial=allow_partial)
+        missing = [k for k in plan.keys() if k not in self.weights]
+        if missing:
+            raise LycorisError(f"{len(missing)} patched keys are not among the weights given, e.g. {missing[0]}")
+        stale = self._patched - set(plan.keys())
+        keys = plan.keys()
+        try:
+            for i, key in enumerate(keys):
+                self._remember(key)
+                live = self.weights[key]
+                patched_value(self.original(key), plan.contributions[key], key, self.cache, out=live.detach())
+                if progress:
+                    progress(i + 1, len(keys), "patching")
+            for key in stale:
+                self._restore_key(key)
+        except BaseException:
+            self.restore()
+            raise
+        self.plan = plan
+        return plan
+
+    def _restore_key(self, key: str) -> None:
+        self.weights[key].detach().copy_(self.original(key))
+        self._backups.pop(key, None)
+        self._patched.discard(key)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every original weight back, bit-identical."""
+        for key in list(self._patched):
+            self._restore_key(key)
+        self.plan = None

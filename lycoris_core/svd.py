@@ -1,0 +1,278 @@
+"""Truncated SVD of weight deltas: rank selection, exact and randomized solvers, errors.
+
+Everything here works on one float32 matrix (a linear delta, or a conv delta
+flattened to (out, in·k·k)) and returns factors plus the error they leave:
+
+* rank modes: ``fixed`` (rank = param), ``ratio`` (σ > param·σ_max), ``energy``
+  (smallest rank keeping that fraction of Σσ², LyCORIS calls it "quantile") and
+  ``threshold`` (σ > param);
+* solvers: ``exact`` (``torch.linalg.svd``), ``randomized`` (``torch.svd_lowrank``
+  with oversampling and power iterations) and ``auto``, which keeps the randomized
+  result only when a certificate proves its error is within ``AUTO_BOUND`` (1%) of the
+  exact truncation error, and otherwise falls back to the exact solver.
+
+The certificate.  Let P = QQᵀ project on the randomized range (q columns) and σ̂ᵢ the
+singular values of PM.  Weyl's inequality gives σᵢ(M) ≤ σ̂ᵢ + ‖(I−P)M‖₂ and
+‖(I−P)M‖₂ ≤ δ := ‖(I−P)M‖_F = sqrt(‖M‖² − ‖QᵀM‖²), exact and cheap.  So the exact
+rank-r error satisfies E_r² = ‖M‖² − Σ_{i≤r} σᵢ² ≥ ‖M‖² − Σ_{i≤r} (σ̂ᵢ + δ)² =: L², and
+the randomized error E (measured directly) is accepted when E ≤ (1 + bound)·L.
+Errors are always measured as ‖M − UΣVᵀ‖_F on the returned factors, never estimated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+RANK_MODES = ("fixed", "ratio", "energy", "threshold")
+SVD_METHODS = ("auto", "exact", "randomized")
+AUTO_BOUND = 0.01  # randomized error may exceed the exact truncation error by at most 1%
+OVERSAMPLE = 10
+POWER_ITERS = 2
+AUTO_GUESS = 64  # columns first sampled when the rank is decided by the spectrum
+
+
+@dataclass
+class Truncation:
+    """Rank-r factors of a matrix M ≈ up @ down, and what they leave out."""
+
+    up: torch.Tensor  # (m, r): U·sqrt(Σ)
+    down: torch.Tensor  # (r, n): sqrt(Σ)·Vᵀ
+    rank: int
+    kept_energy: float  # ‖UΣVᵀ‖²/‖M‖² (1.0 for a zero matrix)
+    rel_error: float  # ‖M − UΣVᵀ‖_F / ‖M‖_F
+    method: str  # "exact" | "randomized"
+    fallback: bool = False  # auto tried the randomized solver and its certificate failed
+
+
+def check_mode(mode: str, param: float) -> None:
+    if mode == "quantile":
+        mode = "energy"
+    if mode not in RANK_MODES:
+        raise ValueError(f"rank mode must be one of {', '.join(RANK_MODES)}, not {mode!r}")
+    if mode == "fixed" and (int(param) != param or param < 1):
+        raise ValueError(f"fixed rank must be a positive integer, got {param}")
+    if mode in ("ratio", "energy") and not 0 < param <= 1:
+        raise ValueError(f"{mode} must be in (0, 1], got {param}")
+    if mode == "threshold" and param < 0:
+        raise ValueError(f"threshold must be >= 0, got {param}")
+
+
+def choose_rank(s: torch.Tensor, mode: str, param: float, total_sq: float | None = None,
+                max_rank: int | None = None) -> int:
+    """Rank picked from singular values ``s`` (descending).
+
+    ``total_sq`` is ‖M‖² when ``s`` is only the leading part of the spectrum.
+    Always at least 1 and at most len(s) (and ``max_rank``).
+    """
+    if mode == "quantile":
+        mode = "energy"
+    n = int(s.numel())
+    s64 = s.to(torch.float64)
+    if mode == "fixed":
+        r = int(param)
+    elif mode == "ratio":
+        r = int((s64 > param * float(s64[0])).sum()) if n else 0
+    elif mode == "threshold":
+        r = int((s64 > param).sum())
+    elif mode == "energy":
+        total = float((s64 * s64).sum()) if total_sq is None else total_sq
+        if total <= 0:
+            r = 1
+        else:
+            cum = torch.cumsum(s64 * s64, 0) / total
+            # smallest r with cum[r-1] >= param; r = n when never reached
+            reached = (cum >= param - 1e-12).nonzero()
+            r = int(reached[0]) + 1 if len(reached) else n
+    else:
+        raise ValueError(f"unknown rank mode {mode!r}")
+    if max_rank is not None:
+        r = min(r, max_rank)
+    return max(1, min(r, n))
+
+
+SMALL = 1 << 18  # below this many elements one thread is faster than several (no sync cost)
+
+
+class _threads:
+    """One torch thread for small problems: thread start-up dominates them, badly on a busy CPU."""
+
+    def __init__(self, numel: int):
+        self.small = numel < SMALL
+
+    def __enter__(self):
+        if self.small:
+            self.saved = torch.get_num_threads()
+            if self.saved > 1:
+                torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.small and self.saved > 1:
+            torch.set_num_threads(self.saved)
+
+
+def _sq(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+
+
+def _finish(m: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int,
+            total_sq: float, method: str) -> Truncation:
+    root = s[:r].clamp_min(0).sqrt()
+    up = (u[:, :r] * root).contiguous()
+    down = (root[:, None] * vh[:r]).contiguous()
+    err_sq = _sq(m - up @ down)
+    rel = math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0
+    kept = min(1.0, _sq(s[:r]) / total_sq) if total_sq > 0 else 1.0
+    return Truncation(up, down, r, kept, rel, method)
+
+
+def exact_svd(m: torch.Tensor, mode: str, param: float, max_rank: int | None = None) -> Truncation:
+    m = m.to(torch.float32)
+    total_sq = _sq(m)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = choose_rank(s, mode, param, max_rank=max_rank)
+    return _finish(m, u, s, vh, r, total_sq, "exact")
+
+
+def _randomized(m: torch.Tensor, q: int, niter: int, seed: int):
+    # svd_lowrank draws its test matrix from the global generator: fix it for reproducible output
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        u, s, v = torch.svd_lowrank(m, q=q, niter=niter)
+    finally:
+        torch.random.set_rng_state(state)
+    return u, s, v.mT
+
+
+def randomized_svd(m: torch.Tensor, mode: str, param: float, *, max_rank: int | None = None,
+                   oversample: int = OVERSAMPLE, niter: int = POWER_ITERS, seed: int = 0,
+                   certify: bool = False, bound: float = AUTO_BOUND) -> Truncation | None:
+    """Randomized truncation; with ``certify`` returns None when it cannot be trusted.
+
+    Without ``certify`` the result is always returned (its error is still measured).
+    """
+    m = m.to(torch.float32)
+    small = min(m.shape)
+    total_sq = _sq(m)
+    if total_sq == 0:
+        return exact_svd(m, mode, param, max_rank)
+    target = int(param) if mode == "fixed" else AUTO_GUESS
+    if max_rank is not None:
+        target = min(target, max_rank)
+    q = min(small, target + oversample)
+    u, s, vh = _randomized(m, q, niter, seed)
+    captured = _sq(s)  # = ‖QᵀM‖² = ‖PM‖²
+    r = choose_rank(s, mode, param, total_sq=total_sq, max_rank=max_rank)
+    if certify and q < small and mode != "fixed":
+        # the spectrum decides the rank: the q sampled values must reach past the cut
+        saturated = (
+            (mode == "energy" and captured < param * total_sq * (1 - 1e-9))
+            or (mode in ("ratio", "threshold") and r >= q and (max_rank is None or r < max_rank))
+        )
+        if saturated:
+            return None
+    out = _finish(m, u, s, vh, r, total_sq, "randomized")
+    if certify:
+        delta = math.sqrt(max(0.0, total_sq - captured))
+        s64 = s[:r].to(torch.float64)
+        lower_sq = total_sq - float(((s64 + delta) ** 2).sum())
+        err = out.rel_error * math.sqrt(total_sq)
+        if err > 0 and (lower_sq <= 0 or err > (1 + bound) * math.sqrt(lower_sq)):
+            # a near-exact answer (error ~ float32 noise) is accepted as it is
+            if out.rel_error > 1e-5:
+                return None
+    return out
+
+
+def truncate(m: torch.Tensor, mode: str = "fixed", param: float = 16, method: str = "auto", *,
+             max_rank: int | None = None, seed: int = 0) -> Truncation:
+    """Truncated SVD of a 2-D matrix by the chosen solver (see module docstring)."""
+    with _threads(m.numel()):
+        return _truncate(m, mode, param, method, max_rank=max_rank, seed=seed)
+
+
+def _truncate(m, mode, param, method, *, max_rank, seed) -> Truncation:
+    if m.dim() != 2:
+        raise ValueError(f"truncate takes a matrix, got shape {tuple(m.shape)}")
+    check_mode(mode, param)
+    if mode == "quantile":
+        mode = "energy"
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, not {method!r}")
+    small = min(m.shape)
+    if method == "exact":
+        return exact_svd(m, mode, param, max_rank)
+    if method == "randomized":
+        return randomized_svd(m, mode, param, max_rank=max_rank, seed=seed)
+    # auto: the randomized solver only pays off well below full rank
+    wanted = int(param) if mode == "fixed" else AUTO_GUESS
+    if max_rank is not None:
+        wanted = min(wanted, max_rank)
+    if small < 64 or 3 * (wanted + OVERSAMPLE) > small:
+        return exact_svd(m, mode, param, max_rank)
+    out = randomized_svd(m, mode, param, max_rank=max_rank, seed=seed, certify=True)
+    if out is None:
+        out = exact_svd(m, mode, param, max_rank)
+        out.fallback = True
+    return out
+
+
+# ---- convolutions ---------------------------------------------------------------------------
+
+@dataclass
+class TuckerTruncation:
+    """k×k conv delta ≈ up (out, r_o) ×  mid (r_o, r_i, k, k) × down (r_i, in)."""
+
+    up: torch.Tensor  # (out, r_o)
+    mid: torch.Tensor  # (r_o, r_i, *kernel)
+    down: torch.Tensor  # (r_i, in)
+    rank: int  # r_i (the rank alpha refers to)
+    kept_energy: float
+    rel_error: float
+    method: str
+    fallback: bool = False
+
+
+def tucker2(delta: torch.Tensor, mode: str = "fixed", param: float = 16, method: str = "auto", *,
+            max_rank: int | None = None, hooi_iters: int = 2) -> TuckerTruncation:
+    with _threads(delta.numel()):
+        return _tucker2(delta, mode, param, method, max_rank=max_rank, hooi_iters=hooi_iters)
+
+
+def _tucker2(delta, mode, param, method, *, max_rank, hooi_iters) -> TuckerTruncation:
+    """Tucker-2 of a conv delta (out, in, k...) on its two channel modes.
+
+    HOSVD initialises the factor bases from each unfolding's truncated SVD (the rank mode
+    applies to each unfolding), then a few HOOI sweeps refine them; the core is the
+    projection of the delta on both bases.  The error is measured on the rebuilt tensor.
+    """
+    d = delta.to(torch.float32)
+    out_ch, in_ch = d.shape[:2]
+    kernel = tuple(d.shape[2:])
+    total_sq = _sq(d)
+    unfold_out = d.reshape(out_ch, -1)
+    unfold_in = d.transpose(0, 1).reshape(in_ch, -1)
+    t_out = truncate(unfold_out, mode, param, method, max_rank=max_rank)
+    t_in = truncate(unfold_in, mode, param, method, max_rank=max_rank)
+    r_o, r_i = t_out.rank, t_in.rank
+    u_out = torch.linalg.qr(t_out.up)[0] if r_o < out_ch else torch.eye(out_ch)
+    u_in = torch.linalg.qr(t_in.up)[0] if r_i < in_ch else torch.eye(in_ch)
+    full = r_o == out_ch and r_i == in_ch
+    for _ in range(0 if full else hooi_iters):
+        # best out-basis given the in-basis, then the other way round
+        y = torch.einsum("oi...,ib->ob...", d, u_in).reshape(out_ch, -1)
+        u_out = torch.linalg.svd(y, full_matrices=False)[0][:, :r_o]
+        y = torch.einsum("oi...,oa->ia...", d, u_out).reshape(in_ch, -1)
+        u_in = torch.linalg.svd(y, full_matrices=False)[0][:, :r_i]
+    core = torch.einsum("oi...,oa,ib->ab...", d, u_out, u_in)
+    rebuilt = torch.einsum("ab...,oa,ib->oi...", core, u_out, u_in)
+    err_sq = _sq(d - rebuilt)
+    rel = math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0
+    kept = min(1.0, _sq(core) / total_sq) if total_sq > 0 else 1.0
+    used = "randomized" if "randomized" in (t_out.method, t_in.method) else "exact"
+    return TuckerTruncation(u_out.contiguous(), core.reshape(r_o, r_i, *kernel).contiguous(),
+                            u_in.T.contiguous(), r_i, kept, rel, used, t_out.fallback or t_in.fallback)

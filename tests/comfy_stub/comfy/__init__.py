@@ -1,0 +1,1 @@
+"""Stand-in for the ``comfy`` package (model patcher, LoRA dispatch, weight adapters, CLIP)."""
