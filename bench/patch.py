@@ -153,7 +153,7 @@ def run_case(arch, weights, source, name, cache_bytes):
     plan_half = build_plan([AdapterSpec(adapter, 0.5, 0.5)], shapes)
     t_ref2, backups = timed(lambda: reference_patch(weights, plan_half))
     t_ref_restore, _ = timed(lambda: reference_restore(weights, backups))
-    del backups
+    backups = None
 
     patcher = WeightPatcher(weights, cache_bytes=cache_bytes, restore_from=source)
     with PeakRSS() as mem:

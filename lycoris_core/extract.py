@@ -17,8 +17,19 @@ import time
 import torch
 
 from .errors import ArchitectureMismatchError
-from .merge import SAVE_DTYPES, ErrorTotals, MergeError, MergeReport, Progress, ProgressFn, _skip, _version
-from .merge import factorize, file_identity, kohya_name
+from .merge import (
+    SAVE_DTYPES,
+    ErrorTotals,
+    MergeError,
+    MergeReport,
+    Progress,
+    ProgressFn,
+    _skip,
+    _version,
+    factorize,
+    file_identity,
+    kohya_name,
+)
 
 SKIP_NAMES = {
     "text_model.embeddings.token_embedding": "embedding (not a LoRA target)",

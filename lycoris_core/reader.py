@@ -213,7 +213,7 @@ def read_safetensors_header(path: str | os.PathLike):
         if not isinstance(entry, dict):
             raise AdapterFormatError(name, "tensor entry is not an object", key)
         dtype = entry.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise AdapterFormatError(name, f"unknown dtype {dtype!r}", key)
         shape = entry.get("shape")
         if (
@@ -244,22 +244,26 @@ def read_safetensors_header(path: str | os.PathLike):
             )
         spans.append((begin, end, key))
     spans.sort()
-    for (b1, e1, k1), (b2, _e2, k2) in zip(spans, spans[1:]):
+    for (_b1, e1, k1), (b2, _e2, k2) in zip(spans, spans[1:]):
         if b2 < e1:
             raise AdapterFormatError(name, f"tensor data overlaps {k1!r}", k2)
     return header, {str(k): str(v) for k, v in metadata.items()}, data_start
 
 
 def looks_like_pickle(path: str | os.PathLike) -> bool:
-    """Zip-based torch saves start with PK; legacy pickles with the PROTO opcode."""
+    """Zip-based torch saves start with PK; legacy pickles with the PROTO opcode (0x80)."""
     if str(path).lower().endswith(PICKLE_SUFFIXES):
         return True
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(9)
     except OSError:
         return False
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if head.startswith(b"PK\x03\x04"):
+        return True
+    # A safetensors header length of 128 mod 256 also starts with 0x80, but its JSON
+    # header then opens with "{" at byte 8 (a pickle's byte 8 is never that).
+    return head[:1] == b"\x80" and head[8:9] != b"{"
 
 
 def load_pickle_tensors(path: str | os.PathLike, allow_pickle: bool) -> DictSource:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from lycoris_core.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, AdapterCache, budget_from_env
-from lycoris_core.errors import ArchitectureMismatchError, BlockWeightError, LycorisError
+from lycoris_core.errors import BlockWeightError, LycorisError
 from lycoris_core.metadata import trigger_words
 from lycoris_core.patch import (
     DEFAULT_CACHE_BYTES,
@@ -137,30 +137,9 @@ def _shapes(patcher) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
 
 
-def plan_for(specs: Sequence[AdapterSpec], names: Sequence[str], model_shapes: dict,
-             clip_shapes: dict) -> PatchPlan:
-    """One plan for the whole stack on MODEL (+ CLIP) weights; a refusal names the adapter."""
-    shapes = {**model_shapes, **clip_shapes}
-    try:
-        return build_plan(specs, shapes)
-    except (ArchitectureMismatchError, BlockWeightError) as exc:
-        # the core's message names the model, not the file: find the adapter that failed
-        culprit = None
-        if len(specs) > 1:
-            for spec, name in zip(specs, names, strict=True):
-                try:
-                    build_plan([spec], shapes)
-                except type(exc):
-                    culprit = name
-                    break
-        else:
-            culprit = names[0]
-        if culprit is None:
-            raise
-        named = type(exc)(f"LyCORIS adapter '{culprit}': {exc}")
-        if hasattr(exc, "report"):
-            named.report = exc.report
-        raise named from None
+def plan_for(specs: Sequence[AdapterSpec], model_shapes: dict, clip_shapes: dict) -> PatchPlan:
+    """One plan for the whole stack on MODEL (+ CLIP) weights; the core's refusal names the adapter file."""
+    return build_plan(specs, {**model_shapes, **clip_shapes})
 
 
 def apply_stack(model, clip, rows: Sequence[tuple[str, float, float, str]]):
@@ -183,10 +162,11 @@ def apply_stack(model, clip, rows: Sequence[tuple[str, float, float, str]]):
             specs.append(AdapterSpec(adapter, strength_unet=sm, strength_clip=sc, blocks=(bw or "").strip() or None))
         except BlockWeightError as exc:
             raise BlockWeightError(f"LyCORIS adapter '{name}': {exc}") from None
-    names = [r[0] for r in rows]
     model_keys = _shapes(model)
     clip_keys = _shapes(clip.patcher) if clip is not None else {}
-    plan = plan_for(specs, names, model_keys, clip_keys)
+    plan = plan_for(specs, model_keys, clip_keys)
+    DELTAS.new_epoch()  # deltas of this stack are protected from eviction by older ones
+    names = [r[0] for r in rows]
 
     cls = patch_class()
     shapes = {**model_keys, **clip_keys}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import tempfile
 import types
 from dataclasses import dataclass, field
@@ -173,8 +174,21 @@ def _preset_file(kind: str) -> str:
     path = directory / f"{kind}.toml"
     text = SD15_PRESET if kind == "sd15" else IA3_PRESET
     if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return str(path)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Other test processes may read the same path: they see the old file or the new, never half."""
+    # the temporary name keeps the extension: save_weights picks the format from it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}-", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @contextlib.contextmanager
@@ -248,10 +262,8 @@ def make_adapter(variant: str, dtype: torch.dtype = torch.float32, out_dir=None,
     tag = str(dtype).removeprefix("torch.")
     path = out_dir / f"{variant}-s{seed}-{tag}.safetensors"
     if path not in _WRITTEN:  # never trust a file from an earlier run: the recipe may have changed
-        tmp = path.with_suffix(".tmp.safetensors")
-        built.net.save_weights(str(tmp), dtype, {"ss_network_module": "lycoris.kohya",
-                                                 "ss_network_args": repr(VARIANTS[variant])})
-        tmp.replace(path)
+        metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": repr(VARIANTS[variant])}
+        _atomic_write(path, lambda tmp: built.net.save_weights(tmp, dtype, metadata))
         _WRITTEN.add(path)
     return path, built.layers
 

@@ -12,11 +12,11 @@ import contextlib
 
 import pytest
 import torch
+from lycoris_factory import VARIANTS, build_network, make_adapter, patched_forward, random_input
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lycoris_core import AdapterFormatError, load_adapter
-from lycoris_factory import VARIANTS, build_network, make_adapter, patched_forward, random_input
 
 RTOL = 1e-5  # float32 files, float32 math: ‖ours - LyCORIS‖ / ‖LyCORIS‖ per layer
 EFFECT_RTOL = 1e-3  # the same error measured against the adapter's own effect, ‖ΔY‖
@@ -38,6 +38,15 @@ class Case:
     def items(self):
         for name, lyco in self.built.lyco.items():
             yield name, lyco, self.layers[name], self.adapter.modules[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The layers are tiny: extra intra-op threads only spin, badly so on a busy 2-core box."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ tensor source, no knowledge of models or ComfyUI.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -50,6 +51,8 @@ class AdapterModule:
         self.shape: tuple[int, ...] = ()
         self.scale = 1.0
         self.alpha = self._read_alpha() if "alpha" in self.keys else default_alpha
+        if self.alpha is not None and not math.isfinite(self.alpha):  # e.g. NaN from a PEFT config
+            raise self._fail(f"alpha {self.alpha} is not a finite number", "alpha")
         self._validate()
         if self.dora:
             self._validate_dora()
@@ -78,8 +81,17 @@ class AdapterModule:
         return self.source[self.keys[role]].to(torch.float32)
 
     def _fail(self, message: str, role: str | None = None) -> AdapterFormatError:
-        key = self.keys.get(role) if role else next(iter(self.keys.values()), None)
-        return AdapterFormatError(self.source.name, message, key)
+        key = self.keys.get(role) if role else None
+        return AdapterFormatError(self.source.name, message, key or next(iter(self.keys.values()), None))
+
+    def _finite(self, delta: torch.Tensor) -> torch.Tensor:
+        """Finite factors can still multiply past float32's range: refuse, never patch Inf/NaN.
+
+        One reduction, no temporary: any Inf/NaN element makes the sum non-finite.
+        """
+        if not math.isfinite(float(delta.sum())):
+            raise self._fail("delta is not finite: factors or alpha too large for float32")
+        return delta
 
     def _read_alpha(self) -> float | None:
         if prod(self._shape("alpha")) != 1:
@@ -152,8 +164,8 @@ class AdapterModule:
         if w0 is not None:
             raw = raw.reshape(w0.shape)
         if self.dora:
-            return self._dora(w0, raw) - w0
-        return raw
+            return self._finite(self._dora(w0, raw) - w0)
+        return self._finite(raw)
 
     def strength_delta(self, weight: torch.Tensor | None, strength: float) -> torch.Tensor:
         """float32 W'(s) - W0: strength times ΔW for everything linear in strength."""
@@ -203,6 +215,9 @@ class AdapterModule:
         else:
             norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
             view = (1, merged.shape[1]) + (1,) * (merged.dim() - 2)
+        if scale.numel() != prod(view):  # the header check cannot know the weight's layout
+            raise self._fail(f"dora_scale {tuple(scale.shape)} does not match the weight's {prod(view)} "
+                             f"{self.dora_axis}put channels", "dora_scale")
         scale = scale.reshape(view)
         return merged * (scale / (norm.reshape(view) + eps))
 

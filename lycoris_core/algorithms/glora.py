@@ -31,6 +31,7 @@ class GLoRA(AdapterModule):
         self._set_rank_scale(rank, "a2")
 
     def _raw_delta(self, weight):
+        weight = weight.reshape(self.shape)  # fits() allows e.g. a (out, 1) module on a 1-D weight
         a1 = self._t("a1").flatten(1)  # (in, r)
         a2 = self._t("a2").flatten(1)  # (r, in)
         wa = torch.einsum("oi...,ij->oj...", weight, a1)

@@ -43,12 +43,15 @@ class LoHa(AdapterModule):
                 )
             self.shape = (w1a[0], w1b[1])
         self._set_rank_scale(w1b[0], "hada_w1_b")
+        if w2b[0] <= 0:
+            raise self._fail(f"rank must be positive, got {w2b[0]}", "hada_w2_b")
 
     def _raw_delta(self, weight):
+        # scale folded into a small factor, Hadamard product in place: one full-size temporary
         if self.tucker:
-            r1 = _tucker(self._t("hada_t1"), self._t("hada_w1_a"), self._t("hada_w1_b"))
+            r1 = _tucker(self._t("hada_t1"), self._t("hada_w1_a") * self.scale, self._t("hada_w1_b"))
             r2 = _tucker(self._t("hada_t2"), self._t("hada_w2_a"), self._t("hada_w2_b"))
         else:
-            r1 = self._t("hada_w1_a") @ self._t("hada_w1_b")
+            r1 = (self._t("hada_w1_a") * self.scale) @ self._t("hada_w1_b")
             r2 = self._t("hada_w2_a") @ self._t("hada_w2_b")
-        return r1 * r2 * self.scale
+        return r1.mul_(r2)

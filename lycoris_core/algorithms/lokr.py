@@ -65,6 +65,8 @@ class LoKr(AdapterModule):
             self.scale = 1.0
         else:
             self._set_rank_scale(self._shape(rank_role)[0], rank_role)
+        if self._has("lokr_w1_b") and self._shape("lokr_w1_b")[0] <= 0:
+            raise self._fail("rank must be positive, got 0", "lokr_w1_b")
 
     def _factor(self, which: str) -> torch.Tensor:
         if self._has(f"lokr_{which}"):
@@ -75,8 +77,8 @@ class LoKr(AdapterModule):
         return a @ b
 
     def _raw_delta(self, weight):
-        w1, w2 = self._factor("w1"), self._factor("w2").contiguous()
+        w1, w2 = self._factor("w1") * self.scale, self._factor("w2").contiguous()  # scale on the small block
         if w2.dim() > 2:
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        return torch.kron(w1.contiguous(), w2).reshape(self.shape) * self.scale
+        return torch.kron(w1.contiguous(), w2).reshape(self.shape)
 

@@ -25,6 +25,8 @@ class LoRA(AdapterModule):
                 raise self._fail(
                     f"tucker mid {mid} does not join up {up} and down {down}", "lora_mid"
                 )
+            if up_rank <= 0:
+                raise self._fail(f"rank must be positive, got {up_rank}", "lora_up")
             self.tucker = True
             kernel = mid[2:]
         else:
@@ -37,12 +39,10 @@ class LoRA(AdapterModule):
             self.algo = "locon"
 
     def _raw_delta(self, weight):
-        up = self._t("lora_up").flatten(1)
+        # the scale goes into the smallest factor: no extra pass over the full-size delta
+        up = self._t("lora_up").flatten(1) * self.scale
         down = self._t("lora_down").flatten(1)
         if self.tucker:
-            mid = self._t("lora_mid")
             # one contraction: out x rank_up, rank_up x rank_down x k..., rank_down x in
-            delta = torch.einsum("ab...,oa,bi->oi...", mid, up, down)
-        else:
-            delta = (up @ down).reshape(self.shape)
-        return delta * self.scale
+            return torch.einsum("ab...,oa,bi->oi...", self._t("lora_mid"), up, down)
+        return (up @ down).reshape(self.shape)

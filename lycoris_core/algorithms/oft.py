@@ -60,7 +60,7 @@ class _Orthogonal(AdapterModule):
     def strength_delta(self, weight, strength):
         self._check_weight(weight)
         w0 = weight.to(torch.float32)
-        return self._rotate(w0, float(strength)) - w0
+        return self._finite(self._rotate(w0, float(strength)) - w0)
 
     def delta(self, weight=None):
         return self.strength_delta(weight, 1.0)
@@ -76,8 +76,8 @@ class DiagOFT(_Orthogonal):
 
     def _validate(self) -> None:
         blocks = self._shape("oft_blocks")
-        if len(blocks) != 3 or blocks[1] != blocks[2]:
-            raise self._fail(f"diag-oft blocks must be (n, b, b), got {blocks}", "oft_blocks")
+        if len(blocks) != 3 or blocks[1] != blocks[2] or not blocks[0] or not blocks[1]:
+            raise self._fail(f"diag-oft blocks must be (n, b, b) with n, b > 0, got {blocks}", "oft_blocks")
         self.rank = blocks[1]
         self.shape = (blocks[0] * blocks[1],)
         self._check_rescale()
@@ -104,8 +104,8 @@ class BOFT(_Orthogonal):
 
     def _validate(self) -> None:
         blocks = self._shape("oft_blocks")
-        if len(blocks) != 4 or blocks[2] != blocks[3] or blocks[2] % 2:
-            raise self._fail(f"boft blocks must be (stages, n, b, b) with even b, got {blocks}", "oft_blocks")
+        if len(blocks) != 4 or blocks[2] != blocks[3] or blocks[2] % 2 or not all(blocks):
+            raise self._fail(f"boft blocks must be (stages, n, b, b) with even b > 0, got {blocks}", "oft_blocks")
         stages, n, b, _ = blocks
         if n & (n - 1) or stages > bin(max(n - 1, 0)).count("1") + 1:
             raise self._fail(f"boft block count {n} / stages {stages} is not a butterfly", "oft_blocks")

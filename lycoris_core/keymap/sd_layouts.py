@@ -68,14 +68,13 @@ class Architecture:
     unet: UNetConfig
     te1: TextConfig
     te2: TextConfig | None
-    te1_openclip: bool  # SD2's only text encoder is OpenCLIP in checkpoints
     diffusers_te1_layers: int  # diffusers' SD2 text_encoder drops the last of 24 layers
 
 
 ARCHITECTURES = {
-    "sd1": Architecture("sd1", SD15_UNET, CLIP_L, None, False, 12),
-    "sd2": Architecture("sd2", SD21_UNET, OPENCLIP_H, None, True, 23),
-    "sdxl": Architecture("sdxl", SDXL_UNET, CLIP_L, OPENCLIP_BIGG, False, 12),
+    "sd1": Architecture("sd1", SD15_UNET, CLIP_L, None, 12),
+    "sd2": Architecture("sd2", SD21_UNET, OPENCLIP_H, None, 23),
+    "sdxl": Architecture("sdxl", SDXL_UNET, CLIP_L, OPENCLIP_BIGG, 12),
 }
 
 # diffusers resnet child -> LDM ResBlock child
