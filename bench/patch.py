@@ -99,8 +99,30 @@ def make_weights(arch: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def comfy_style_delta(module, weight):
+    """ΔW the way ComfyUI's adapters build it per key: factors cast to float32 each time,
+    the full product first, the alpha/rank scale applied later as a separate pass."""
+    t = module._t
+    if module.algo in ("lora", "locon") and not module.dora and not module.tucker:
+        diff = torch.mm(t("lora_up").flatten(1), t("lora_down").flatten(1))
+    elif module.algo == "loha" and not module.dora and not module.tucker:
+        diff = (t("hada_w1_a") @ t("hada_w1_b")) * (t("hada_w2_a") @ t("hada_w2_b"))
+    elif module.algo == "lokr" and not module.dora and not module.tucker:
+        w1 = t("lokr_w1") if "lokr_w1" in module.keys else t("lokr_w1_a") @ t("lokr_w1_b")
+        w2 = t("lokr_w2") if "lokr_w2" in module.keys else t("lokr_w2_a") @ t("lokr_w2_b")
+        if w2.dim() == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        diff = torch.kron(w1, w2.contiguous())
+    elif module.algo == "full":
+        return t("diff"), 1.0
+    else:  # Tucker, DoRA and the rest: the engine's delta, still scaled as a separate pass
+        base = weight.reshape(module.shape) if module.uses_weight and weight.numel() == module.dense_params else weight
+        return module.delta(base if module.uses_weight else None), 1.0
+    return diff, module.scale
+
+
 def reference_patch(weights, plan):
-    """ComfyUI's per-key path: fp32 copy, delta, strength x delta, add, cast back; backups kept."""
+    """ComfyUI's per-key path: fp32 copy, delta, (strength x scale) x delta, add, cast back; backups kept."""
     backups = {}
     for key, contributions in plan.contributions.items():
         weight = weights[key]
@@ -109,11 +131,9 @@ def reference_patch(weights, plan):
         for c in contributions:
             if c.bias:
                 temp += c.strength * c.module.bias_delta()
-                continue
-            if c.module.linear_in_strength:
-                base = weight if c.module.uses_weight else None
-                delta = c.module.delta(base.reshape(c.target.shape) if base is not None else None)
-                temp += c.strength * delta.reshape(temp.shape)
+            elif c.module.linear_in_strength:
+                diff, scale = comfy_style_delta(c.module, temp)
+                temp += ((c.strength * scale) * diff).reshape(temp.shape)
             else:
                 temp += c.module.strength_delta(weight, c.strength).reshape(temp.shape)
         weights[key] = temp.to(weight.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -179,8 +180,12 @@ def _config_for(config: dict, module: str) -> dict | None:
 
 
 def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a pattern is a regex that must match the end of the module path."""
     for pattern, value in patterns.items():
-        if module == pattern or module.endswith("." + pattern):
-            return value
+        try:
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+                return value
+        except re.error:
+            if module == pattern or module.endswith("." + pattern):
+                return value
     return default
-

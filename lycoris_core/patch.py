@@ -170,31 +170,43 @@ def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Co
     return out
 
 
+class _Workspace(threading.local):
+    """A float32 buffer reused across keys: fresh full-size allocations cost page faults."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0, dtype=torch.float32)
+
+    def take(self, shape) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel, dtype=torch.float32)
+        return self.buffer[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
 def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key: str,
                   cache: DeltaCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """round(base + Σ contributions) in base's dtype, written into ``out`` when given.
 
-    A single linear contribution on a whole fp16/bf16/fp32 weight is one fused pass
-    (bit-identical to the float32 copy + add + round it replaces).
+    The float32 sum lives in a reused buffer (copy in, add each delta, copy out: the
+    same arithmetic as ``AdapterModule.apply``, so results are bit-identical to it).
     """
     live = [c for c in contributions if c.strength != 0]
     if not live:
         return base.clone() if out is None else out.copy_(base)
-    single = (
-        len(live) == 1 and not live[0].bias and live[0].target.rows is None
-        and live[0].module.linear_in_strength and base.dtype not in FP8_FORMATS
-    )
-    if single:
-        c = live[0]
-        delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
-        target = out if out is not None else torch.empty_like(base)
-        return torch.add(base, delta.reshape(base.shape), alpha=c.strength, out=target)
-    work = base.to(torch.float32, copy=True)
+    work = _WORKSPACE.take(base.shape)
+    work.copy_(base)
     accumulate(work, base, live, cache)
-    result = to_dtype(work, base.dtype, key)
+    if base.dtype in FP8_FORMATS:
+        result = to_dtype(work, base.dtype, key)
+        return result if out is None else out.copy_(result)
     if out is None:
-        return result
-    return out.copy_(result)
+        return work.to(base.dtype, copy=True)
+    return out.copy_(work)
 
 
 @dataclass

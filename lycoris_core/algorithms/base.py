@@ -122,6 +122,14 @@ class AdapterModule:
         """float32 bias delta at strength 1, for algorithms that carry one."""
         return None
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, V), float32, with U @ V == delta() flattened to (out, in·k·k), or None.
+
+        Only for deltas that are cheaply low rank and do not depend on the original
+        weight; merge uses them for an exact SVD without the dense delta's cost.
+        """
+        return None
+
     @property
     def has_bias(self) -> bool:
         return False

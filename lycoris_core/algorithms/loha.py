@@ -55,3 +55,14 @@ class LoHa(AdapterModule):
             r1 = (self._t("hada_w1_a") * self.scale) @ self._t("hada_w1_b")
             r2 = self._t("hada_w2_a") @ self._t("hada_w2_b")
         return r1.mul_(r2)
+
+    def low_rank_factors(self):
+        """Khatri–Rao factors: (A1 B1) ⊙ (A2 B2) = U V with U (out, r1·r2) the row-wise and
+        V (r1·r2, in) the column-wise Khatri–Rao products.  None for Tucker and DoRA."""
+        if self.tucker or self.dora:
+            return None
+        a1, a2 = self._t("hada_w1_a") * self.scale, self._t("hada_w2_a")
+        b1, b2 = self._t("hada_w1_b"), self._t("hada_w2_b")
+        u = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+        v = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+        return u, v

@@ -82,3 +82,29 @@ class LoKr(AdapterModule):
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
         return torch.kron(w1.contiguous(), w2).reshape(self.shape)
 
+
+    def low_rank_factors(self):
+        """kron(w1, w2) as U V through kron(AB, CD) = kron(A, C) kron(B, D).
+
+        w2 = w2a w2b (low rank r):  kron(w1, w2a) (ab, c·r) @ kron(I_c, w2b) (c·r, cd·k), or
+        kron(I_a, w2a) (ab, a·r) @ kron(w1, w2b) (a·r, cd·k), whichever inner size is smaller.
+        w2 full:  kron(w1, I_b) @ kron(I_c, w2) (inner c·b) or kron(I_a, w2) @ kron(w1, I_d)
+        (inner a·d).  None for the Tucker w2 and DoRA; the caller decides whether the inner
+        size is small enough to be worth it.
+        """
+        if self.tucker or self.dora:
+            return None
+        w1 = self._factor("w1") * self.scale
+        a, c = w1.shape
+        if self._has("lokr_w2"):
+            w2 = self._t("lokr_w2")
+            b = w2.shape[0]
+            w2 = w2.reshape(b, -1)
+            dk = w2.shape[1]
+            if c * b <= a * dk:
+                return torch.kron(w1, torch.eye(b)), torch.kron(torch.eye(c), w2)
+            return torch.kron(torch.eye(a), w2), torch.kron(w1, torch.eye(dk))
+        w2a, w2b = self._t("lokr_w2_a"), self._t("lokr_w2_b")
+        if c <= a:
+            return torch.kron(w1, w2a), torch.kron(torch.eye(c), w2b)
+        return torch.kron(torch.eye(a), w2a), torch.kron(w1, w2b)

@@ -46,3 +46,9 @@ class LoRA(AdapterModule):
             # one contraction: out x rank_up, rank_up x rank_down x k..., rank_down x in
             return torch.einsum("ab...,oa,bi->oi...", self._t("lora_mid"), up, down)
         return (up @ down).reshape(self.shape)
+
+    def low_rank_factors(self):
+        """(α/r)·up (out, r) and down (r, in·k·k); None for the Tucker mid and DoRA."""
+        if self.tucker or self.dora:
+            return None
+        return self._t("lora_up").flatten(1) * self.scale, self._t("lora_down").flatten(1)
