@@ -4,9 +4,9 @@ Every case is measured against a reference run in the same process that does wha
 ComfyUI does per key: cast the weight to float32, compute the delta, add
 strength x delta, cast back; one key at a time, no caching, originals kept as backups.
 
-    python bench/patch.py                      # SD1.5 all algorithms + SDXL LoRA/LoKr
-    python bench/patch.py --arch sd1 --algos lora,loha --cache-mb 0,1024,4096
-    python bench/patch.py --write-docs         # also replace the table in docs/benchmarks.md
+    python bench/patch.py                      # SD1.5 all algorithms + SDXL LoRA/LoKr, budget sweep
+    python bench/patch.py --arch sd1 --algos LoRA,LoHa --cache-mb 1024
+    python bench/patch.py --write-docs         # also replace the Patch section of docs/benchmarks.md
 
 Weights are random fp16 values with the real SD1.5/SDXL UNet and text-encoder names
 and shapes; adapters are synthetic with realistic ranks (see ``CASES``).
@@ -34,7 +34,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from lycoris_core import load_adapter  # noqa: E402
 from lycoris_core.keymap import state_shapes  # noqa: E402
-from lycoris_core.patch import AdapterSpec, WeightPatcher, build_plan  # noqa: E402
+from lycoris_core.patch import DEFAULT_CACHE_BYTES, AdapterSpec, WeightPatcher, build_plan  # noqa: E402
 from lycoris_core.reader import SafetensorsSource  # noqa: E402
 from lycoris_core.synthetic import attention_only, default_targets, synthetic_adapter  # noqa: E402
 
@@ -157,23 +157,21 @@ def largest_layers_bytes(weights, keys, n=2) -> int:
     return sum(sizes[:n])
 
 
-def run_case(arch, weights, source, name, cache_bytes):
+def run_case(arch, weights, source, name, cache_bytes, reference=True):
     algo, options = CASES[name]
     options = dict(options)
     select = options.pop("select", default_targets)
     adapter = load_adapter(synthetic_adapter(arch, algo, select=select, seed=1, **options))
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     spec = [AdapterSpec(adapter, 1.0, 1.0)]
-    plan = build_plan(spec, shapes)
-    touched = plan.keys()
+    touched = build_plan(spec, shapes).keys()
 
-    # reference: first patch, a strength change (= full re-patch), restore
-    t_ref, backups = timed(lambda: reference_patch(weights, plan))
-    reference_restore(weights, backups)
-    plan_half = build_plan([AdapterSpec(adapter, 0.5, 0.5)], shapes)
-    t_ref2, backups = timed(lambda: reference_patch(weights, plan_half))
-    t_ref_restore, _ = timed(lambda: reference_restore(weights, backups))
-    backups = None
+    t_ref = None
+    if reference:  # no cache: its strength change is this same full re-patch
+        plan = build_plan(spec, shapes)
+        t_ref, backups = timed(lambda: reference_patch(weights, plan))
+        reference_restore(weights, backups)
+        backups = None
 
     patcher = WeightPatcher(weights, cache_bytes=cache_bytes, restore_from=source)
     with PeakRSS() as mem:
@@ -182,30 +180,41 @@ def run_case(arch, weights, source, name, cache_bytes):
         t_restore, _ = timed(patcher.restore)
     cache_used = patcher.cache.used
     patcher.cache.clear()
-    budget_ok = mem.above_start <= cache_bytes + largest_layers_bytes(weights, touched)
+    bound = cache_bytes + largest_layers_bytes(weights, touched)
     return {
-        "case": name, "keys": len(touched), "modules": len(adapter.modules),
-        "ref_first": t_ref, "first": t_first, "ref_strength": t_ref2, "strength": t_strength,
-        "ref_restore": t_ref_restore, "restore": t_restore,
-        "peak_mb": mem.above_start / 2**20, "cache_mb": cache_used / 2**20,
-        "bound_mb": (cache_bytes + largest_layers_bytes(weights, touched)) / 2**20, "bound_ok": budget_ok,
+        "case": name, "keys": len(touched), "modules": len(adapter.modules), "ref": t_ref,
+        "first": t_first, "strength": t_strength, "restore": t_restore,
+        "peak_mb": mem.above_start / 2**20, "cache_mb": cache_used / 2**20, "budget_mb": cache_bytes / 2**20,
+        "bound_mb": bound / 2**20, "bound_ok": mem.above_start <= bound,
     }
 
 
-def fmt_table(rows, arch, cache_mb):
+def fmt_table(rows, arch):
     lines = [
-        f"**{arch}**, cache budget {cache_mb} MiB (times in seconds; ratio = reference / ours)",
+        f"**{arch}** (seconds; × = reference / ours; the reference keeps no cache, so its strength change "
+        "is the same full re-patch)",
         "",
-        "| adapter | keys | first patch (ref → ours) | × | strength change (ref re-patch → ours) | × "
-        "| restore (ours) | peak RSS above weights | bound (budget + 2 largest) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| adapter | keys | reference patch | our first patch | × | our strength change | × | our restore "
+        "| cache used / budget | peak RSS above weights | bound: budget + 2 largest layers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['keys']} | {r['ref_first']:.2f} → {r['first']:.2f} | {r['ref_first'] / r['first']:.1f} "
-            f"| {r['ref_strength']:.2f} → {r['strength']:.2f} | {r['ref_strength'] / r['strength']:.1f} "
-            f"| {r['restore']:.2f} | {r['peak_mb']:.0f} MiB | {r['bound_mb']:.0f} MiB {'ok' if r['bound_ok'] else 'OVER'} |"
+            f"| {r['case']} | {r['keys']} | {r['ref']:.2f} | {r['first']:.2f} | {r['ref'] / r['first']:.1f} "
+            f"| {r['strength']:.2f} | {r['ref'] / r['strength']:.1f} | {r['restore']:.2f} "
+            f"| {r['cache_mb']:.0f} / {r['budget_mb']:.0f} MiB | {r['peak_mb']:.0f} MiB "
+            f"| {r['bound_mb']:.0f} MiB {'ok' if r['bound_ok'] else 'OVER'} |"
         )
+    return "\n".join(lines)
+
+
+def fmt_budget(rows, arch, ref):
+    lines = [f"**{arch} {rows[0]['case']}: delta-cache budget trade-off** (reference patch {ref:.2f} s)", "",
+             "| budget | cache used | first patch | strength change | × vs reference | peak RSS above weights |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['budget_mb']:.0f} MiB | {r['cache_mb']:.0f} MiB | {r['first']:.2f} | {r['strength']:.2f} "
+                     f"| {ref / r['strength']:.1f} | {r['peak_mb']:.0f} MiB |")
     return "\n".join(lines)
 
 
@@ -214,12 +223,16 @@ def main(argv=None):
     parser.add_argument("--arch", default="sd1,sdxl", help="comma list of sd1, sd2, sdxl")
     parser.add_argument("--algos", default="", help="comma list of case-name prefixes (default: all for sd1, "
                                                      "LoRA and LoKr for sdxl)")
-    parser.add_argument("--cache-mb", default="1024", help="comma list of delta-cache budgets to compare")
+    parser.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20,
+                        help="delta-cache budget for the main table (default: the engine's default)")
+    parser.add_argument("--sweep", default="0,1024", help="extra budgets (MiB) for the LoRA trade-off table")
     parser.add_argument("--write-docs", action="store_true", help="replace the Patch section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
+    command = "python bench/patch.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads. Command: `python bench/patch.py {' '.join(argv or sys.argv[1:])}`".strip()]
+           f"{torch.get_num_threads()} threads, load average before the run "
+           f"{os.getloadavg()[0]:.1f}. Command: `{command.strip()}`"]
     t_all = time.perf_counter()
     for arch in args.arch.split(","):
         t0 = time.perf_counter()
@@ -234,16 +247,22 @@ def main(argv=None):
             names = [n for n in CASES if not args.algos or any(n.startswith(a) for a in args.algos.split(","))]
             if arch == "sdxl" and not args.algos:
                 names = SDXL_DEFAULT
-            for cache_mb in (int(c) for c in args.cache_mb.split(",")):
-                rows = []
-                for name in names:
-                    row = run_case(arch, weights, source, name, cache_mb << 20)
-                    rows.append(row)
-                    print(f"  {name}: first {row['ref_first']:.2f}->{row['first']:.2f}s, strength "
-                          f"{row['ref_strength']:.2f}->{row['strength']:.2f}s, peak {row['peak_mb']:.0f} MiB", flush=True)
-                table = fmt_table(rows, arch, cache_mb)
-                print(table, flush=True)
-                out.append(table)
+            rows = []
+            for name in names:
+                row = run_case(arch, weights, source, name, args.cache_mb << 20)
+                rows.append(row)
+                print(f"  {name}: reference {row['ref']:.2f}s, first {row['first']:.2f}s, strength "
+                      f"{row['strength']:.2f}s, peak {row['peak_mb']:.0f} MiB", flush=True)
+            table = fmt_table(rows, arch)
+            print(table, flush=True)
+            out.append(table)
+            if args.sweep and arch == args.arch.split(",")[0]:
+                budgets = [int(b) for b in args.sweep.split(",") if b]
+                sweep = [run_case(arch, weights, source, names[0], b << 20, reference=False) for b in budgets]
+                sweep.append(rows[0])
+                text = fmt_budget(sweep, arch, rows[0]["ref"])
+                print(text, flush=True)
+                out.append(text)
             source.close()
         del weights
         gc.collect()

@@ -13,6 +13,7 @@ from .errors import (
     LycorisError,
     OutputExistsError,
     PickleRefusedError,
+    WeightRangeError,
 )
 
 __version__ = "0.1.0"
@@ -26,5 +27,6 @@ __all__ = [
     "LycorisError",
     "OutputExistsError",
     "PickleRefusedError",
+    "WeightRangeError",
     "load_adapter",
 ]

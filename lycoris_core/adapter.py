@@ -8,6 +8,7 @@ module is refused with ``AdapterFormatError``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -134,6 +135,8 @@ def _alpha_defaults(tensors: TensorSource, groups, source, peft_config):
     config, origin = _find_peft_config(tensors, source, peft_config)
     if config is None:
         return (lambda module, keys: None), None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(tensors.name, f"PEFT config from {origin} is not an object", "lora_adapter_metadata")
 
     def alpha_for(module: str, keys: dict[str, str]) -> float | None:
         if "lora_down" not in keys:
@@ -141,13 +144,22 @@ def _alpha_defaults(tensors: TensorSource, groups, source, peft_config):
         part = _config_for(config, module)
         if part is None or "lora_alpha" not in part:
             return None
-        rank = tensors.shape(keys["lora_down"])[0]
-        alpha = float(_pattern_value(part.get("alpha_pattern") or {}, module, part["lora_alpha"]))
-        if part.get("use_rslora"):
-            alpha *= math.sqrt(rank)  # scale alpha/sqrt(r), expressed as an alpha over r
+        patterns = part.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise AdapterFormatError(tensors.name, f"alpha_pattern in the PEFT config from {origin} is not an object")
+        alpha = _number(_pattern_value(patterns, module, part["lora_alpha"]), tensors.name, origin)
+        if part.get("use_rslora") is True:
+            alpha *= math.sqrt(tensors.shape(keys["lora_down"])[0])  # alpha/sqrt(r), written as an alpha over r
         return alpha
 
     return alpha_for, origin
+
+
+def _number(value, name: str, origin: str) -> float:
+    """A stranger's config value that must be a plain number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterFormatError(name, f"lora_alpha {value!r} in the PEFT config from {origin} is not a number")
+    return float(value)
 
 
 def _find_peft_config(tensors, source, peft_config):
@@ -179,13 +191,19 @@ def _config_for(config: dict, module: str) -> dict | None:
     return None
 
 
+_PATTERN_CHARS = re.compile(r"[A-Za-z0-9_.*]+")
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern is a regex that must match the end of the module path."""
+    """PEFT's alpha_pattern: a key matches the end of the module path.
+
+    Keys are treated as dotted suffixes with ``.*`` (or ``*``) wildcards, never as
+    arbitrary regexes: a stranger's regex could backtrack for minutes.
+    """
     for pattern, value in patterns.items():
-        try:
-            if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
-                return value
-        except re.error:
-            if module == pattern or module.endswith("." + pattern):
-                return value
+        if not isinstance(pattern, str) or not _PATTERN_CHARS.fullmatch(pattern):
+            continue
+        glob = pattern.replace(".*", "*")
+        if fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(module, "*." + glob):
+            return value
     return default

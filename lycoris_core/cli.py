@@ -7,6 +7,7 @@ purpose are printed as one line and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .errors import LycorisError
@@ -209,8 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "output", "x") is None and not getattr(args, "dry_run", False):
         print("error: -o/--output is required unless --dry-run is given", file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     except LycorisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so half-written temp files are removed before exit."""
+    raise KeyboardInterrupt

@@ -30,6 +30,10 @@ class ArchitectureMismatchError(LycorisError):
     """An adapter made for one model architecture applied to another."""
 
 
+class WeightRangeError(LycorisError, ValueError):
+    """A patched value that the weight's dtype cannot hold (e.g. beyond fp16's ±65504)."""
+
+
 class BlockWeightError(LycorisError, ValueError):
     """A block-weight preset, vector or named form that cannot be parsed."""
 

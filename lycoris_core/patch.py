@@ -16,6 +16,7 @@ It never imports ComfyUI: the nodes wrap ``accumulate`` in ComfyUI's adapter int
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
@@ -28,9 +29,19 @@ from .algorithms import AdapterModule
 from .blocks import BlockWeights, parse_block_weights
 from .errors import ArchitectureMismatchError, BlockWeightError, LycorisError
 from .keymap import MatchReport, Target, map_adapter
-from .rounding import FP8_FORMATS, to_dtype
+from .rounding import FP8_FORMATS, check_range, to_dtype
 
-DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB of float32 deltas; see docs/benchmarks.md for the trade-off
+
+def _default_cache_bytes() -> int:
+    """min(4 GiB, RAM / 6): a whole SD1.5 LoRA/LoCon's deltas fit in 4 GiB (see docs/benchmarks.md)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        ram = 16 << 30
+    return min(4 << 30, ram // 6)
+
+
+DEFAULT_CACHE_BYTES = _default_cache_bytes()
 
 
 @dataclass
@@ -201,6 +212,7 @@ def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key
     work = _WORKSPACE.take(base.shape)
     work.copy_(base)
     accumulate(work, base, live, cache)
+    check_range(work, base.dtype, key)
     if base.dtype in FP8_FORMATS:
         result = to_dtype(work, base.dtype, key)
         return result if out is None else out.copy_(result)

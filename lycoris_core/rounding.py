@@ -11,6 +11,8 @@ import zlib
 
 import torch
 
+from .errors import WeightRangeError
+
 # dtype -> (mantissa bits, smallest normal exponent, largest finite value)
 FP8_FORMATS = {
     torch.float8_e4m3fn: (3, -6, 448.0),
@@ -32,6 +34,22 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Te
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     rounded = torch.floor(mag / ulp + noise) * ulp
     return (torch.sign(x) * rounded.clamp(max=max_val)).to(dtype)
+
+
+NARROW = (torch.float16, *FP8_FORMATS)  # dtypes whose range a float32 result can exceed
+
+
+def check_range(x: torch.Tensor, dtype: torch.dtype, key: str | None = None) -> None:
+    """Refuse a float32 result that ``dtype`` would turn into inf or NaN (one reduction, no copy)."""
+    if dtype not in NARROW or not x.numel():
+        return
+    lo, hi = torch.aminmax(x)
+    limit = torch.finfo(dtype).max
+    if not (-limit <= float(lo) and float(hi) <= limit):
+        raise WeightRangeError(
+            f"{key or 'weight'}: patched values reach {max(abs(float(lo)), abs(float(hi))):.4g}, beyond {dtype}'s "
+            f"±{limit:g}; lower the strength or patch a wider dtype"
+        )
 
 
 def to_dtype(x: torch.Tensor, dtype: torch.dtype, key: str | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import LycorisError, OutputExistsError
@@ -70,8 +71,8 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         with atomic_path(final, overwrite) as tmp:
             save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
             verify_written(tmp, shapes)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
         if isinstance(exc, LycorisError):
             raise
-        raise WriteError(f"could not write {final}: {exc.strerror or exc}") from exc
+        raise WriteError(f"could not write {final}: {getattr(exc, 'strerror', None) or exc}") from exc
     return final

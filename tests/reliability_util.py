@@ -120,6 +120,15 @@ class Memory:
     def rss(self) -> int:
         return self._proc.memory_info().rss
 
+    def settled_rss(self) -> int:
+        """RSS after a garbage collection and, with glibc, handing freed heap pages back to the OS."""
+        import gc
+
+        gc.collect()
+        if _TRIM is not None:
+            _TRIM(0)
+        return self.rss()
+
     def reset_peak(self) -> None:
         if self.exact_peak:
             self._try_reset()
@@ -129,6 +138,18 @@ class Memory:
         if self.exact_peak:
             return _status_kib("VmHWM") * 1024
         return max(self._fallback, self.rss())
+
+
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
 
 
 def _status_kib(field: str) -> int | None:

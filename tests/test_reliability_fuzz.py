@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import struct
 import time
+import traceback
 import tracemalloc
 from pathlib import Path
 
@@ -35,16 +37,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability_util import LONG, Memory, MiB, scaled, tally
 from safetensors.torch import save as st_save
 
 from lycoris_core import AdapterFormatError, load_adapter
 from lycoris_core.algorithms import SUFFIX_ROLES
-from lycoris_core.errors import LycorisError
+from lycoris_core.errors import LycorisError, WeightRangeError
 from lycoris_core.keymap import state_shapes
 from lycoris_core.patch import AdapterSpec, WeightPatcher, build_plan
 from lycoris_core.summary import summary_lines
 from lycoris_core.synthetic import synthetic_adapter
-from reliability_util import LONG, MiB, Memory, scaled, tally
 
 SD1 = state_shapes("sd1", "comfy")
 CPU_LIMIT = 1.0  # seconds of CPU per case
@@ -113,8 +115,8 @@ SEED_NAMES = sorted(SEEDS)
 def _weight_set() -> dict[str, torch.Tensor]:
     """fp16 weights (real SD1.5 comfy names and shapes) for every key the seeds touch."""
     keys: set[str] = set()
-    for data in SEEDS.values():
-        if data[:8] == b"lycoris-":
+    for name, data in SEEDS.items():
+        if name.startswith("lycoris-"):
             continue
         adapter = load_adapter(torch_load_bytes(data))
         plan = build_plan([AdapterSpec(adapter)], SD1, allow_partial=True)
@@ -438,6 +440,19 @@ MUTATIONS = [m_truncate, m_flip_bits, m_flip_header, m_length, m_splice, m_appen
 
 # ---- one case ----------------------------------------------------------------------------
 
+# Bugs found by this suite in files it does not own; each has a strict-xfail test elsewhere that fails
+# once the bug is fixed: then delete its entry here, and the fuzz counts it as a crash again.
+KNOWN_BUGS: dict = {}  # (file, function) -> what is wrong; empty: every bug found so far is fixed
+
+
+def known_bug(exc: BaseException) -> str | None:
+    for frame in traceback.extract_tb(exc.__traceback__):
+        found = KNOWN_BUGS.get((Path(frame.filename).name, frame.name))
+        if found and isinstance(exc, (ValueError, TypeError, AttributeError)):
+            return found
+    return None
+
+
 class Hang(BaseException):
     """Raised by the watchdog when a case overruns HANG_LIMIT (BaseException: nothing catches it)."""
 
@@ -459,6 +474,8 @@ class Harness:
         # patch working set: backups, float32 deltas in the cache, one float32 work copy
         self.working_set = 3 * floats
         self.tally = tally("fuzz")
+        for what in ("inputs", "crashes", "hangs"):  # reported even when they stay at 0
+            self.tally.add(what, 0)
         self.failures: list[str] = []
 
     def weights_intact(self) -> bool:
@@ -479,10 +496,17 @@ class Harness:
             self.tally.add("hangs")
             self._fail(label, data, f"hang: over {HANG_LIMIT}s")
             raise
-        except Exception as exc:  # anything untyped is a crash
-            self.tally.add("crashes")
-            self._fail(label, data, f"crash: {type(exc).__name__}: {exc}")
+        except AssertionError:  # a broken guarantee found inside the case (memory, weights, restore)
+            self.tally.add("broken guarantees")
             raise
+        except Exception as exc:  # anything untyped is a crash, unless it is a known, reported bug
+            known = known_bug(exc)
+            if known is None:
+                self.tally.add("crashes")
+                self._fail(label, data, f"crash: {type(exc).__name__}: {exc}")
+                raise
+            self.tally.add(f"known bug hit: {known}")
+            outcome = "known bug"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
@@ -551,12 +575,15 @@ class Harness:
             target = targets.get(name)
             try:
                 if target is not None and target.rows is None and not target.transposed:
-                    module.apply(self.weights[target.weight_key], 0.7, key=target.weight_key)
+                    weight = self.weights.get(target.weight_key)
+                    if weight is None:  # a real SD1.5 layer outside the weight set: a stand-in of its shape
+                        weight = torch.full(SD1[target.weight_key], 0.01, dtype=torch.float16)
+                    module.apply(weight, 0.7, key=target.weight_key)
                 elif not module.uses_weight and math.prod(module.shape) <= DENSE_LIMIT:
                     module.delta()
                 if module.has_bias:
                     module.bias_delta()
-            except AdapterFormatError:
+            except (AdapterFormatError, WeightRangeError):  # both typed, both deliberate refusals
                 bad += 1
         if bad:
             self.tally.add("modules refused on delta", bad)
@@ -577,7 +604,11 @@ def harness(tmp_path_factory):
 
 def test_every_seed_is_a_valid_adapter_that_applies(harness):
     for name in SEED_NAMES:
-        assert harness.run(SEEDS[name], f"seed {name}") == "loaded and applied", name
+        outcome = harness.run(SEEDS[name], f"seed {name}")
+        if name.startswith("lycoris-"):  # lycoris-lora's files are for its tiny SD1.5-like test model
+            assert outcome.startswith("loaded"), name
+        else:
+            assert outcome == "loaded and applied", name
 
 
 FUZZ_EXAMPLES = scaled(1500, 25_000)
@@ -637,7 +668,7 @@ def _named_cases():
         "pickle": b"\x80\x02}q\x00.",
         "gguf": b"GGUF\x03\x00\x00\x00" + bytes(24),
         "no tensors": join("{}", b""),
-        "metadata not strings": join(json.dumps({"__metadata__": {"a": 1}, **header}), body),
+        "metadata not strings": join(json.dumps({**header, "__metadata__": {"a": 1}}), body),
     }
 
 
@@ -666,23 +697,58 @@ def test_valid_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pick
 
 # ---- atheris (optional, long run only) ---------------------------------------------------
 
+ATHERIS_CHILD = r"""
+import json, os, sys, tempfile
+from pathlib import Path
+import atheris
+with atheris.instrument_imports(include=["lycoris_core"]):
+    import lycoris_core.adapter, lycoris_core.reader, lycoris_core.algorithms, lycoris_core.patch
+import torch
+torch.set_num_threads(1)
+import test_reliability_fuzz as F
+
+runs = int(sys.argv[1])
+harness = F.Harness(Path(tempfile.mkdtemp()))
+done = [0]
+
+def one(data: bytes) -> None:
+    harness.run(data, "atheris")
+    done[0] += 1
+    if done[0] >= runs:
+        print("ATHERIS-RESULT " + json.dumps({**harness.tally.counts, **{"max " + k: v for k, v in
+              harness.tally.maxima.items()}}), flush=True)
+        os._exit(0)
+
+atheris.Setup(sys.argv[:1] + sys.argv[2:], one)
+atheris.Fuzz()
+"""
+
+
 @pytest.mark.skipif(not LONG, reason="atheris runs only with LYCORIS_LONG=1")
-def test_atheris_coverage_guided(harness):
-    atheris = pytest.importorskip("atheris")
+def test_atheris_coverage_guided(tmp_path):
+    """libFuzzer mutates the seed files directly, guided by coverage of lycoris_core (in a child process:
+    libFuzzer ends its process when it finishes or finds a crash)."""
+    pytest.importorskip("atheris")
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in SEED_NAMES:
+        if len(SEEDS[name]) <= 256 * 1024:
+            (corpus / f"{name}.safetensors").write_bytes(SEEDS[name])
     runs = scaled(0, 20_000)
-    seeds = [SEEDS[n] for n in SEED_NAMES]
-    counter = {"n": 0}
-
-    def one(data: bytes) -> None:
-        counter["n"] += 1
-        if counter["n"] > runs:
-            raise SystemExit(0)
-        fdp = atheris.FuzzedDataProvider(data)
-        base = seeds[fdp.ConsumeIntInRange(0, len(seeds) - 1)]
-        rest = fdp.ConsumeBytes(len(data))
-        mutated = MUTATIONS[len(rest) % len(MUTATIONS)](base, random.Random(rest)) if rest else base
-        harness.run(mutated, "atheris")
-
-    atheris.Setup(["fuzz", f"-runs={runs}"], one)
-    with pytest.raises(SystemExit):
-        atheris.Fuzz()
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
+    done = subprocess.run([sys.executable, "-c", ATHERIS_CHILD, str(runs), "-max_len=262144", "-rss_limit_mb=4096",
+                           "-timeout=20", str(corpus)], capture_output=True, text=True, env=env, timeout=3600)
+    result = [line for line in done.stdout.splitlines() if line.startswith("ATHERIS-RESULT ")]
+    assert done.returncode == 0 and result, (done.stdout[-3000:], done.stderr[-5000:])
+    counts = json.loads(result[0].split(" ", 1)[1])
+    t = tally("fuzz (atheris)")
+    for key, value in counts.items():
+        if key.startswith("max "):
+            t.peak(key[4:], value)
+        else:
+            t.add(key, value)
+    assert not counts.get("crashes") and not counts.get("hangs")

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..reader import TensorSource
-from ..rounding import to_dtype
+from ..rounding import check_range, to_dtype
 
 
 def prod(values) -> int:
@@ -191,6 +191,7 @@ class AdapterModule:
             out.add_(self.delta(weight), alpha=strength)
         else:
             out.add_(self.strength_delta(weight, strength))
+        check_range(out, weight.dtype, key)
         return to_dtype(out, weight.dtype, key)
 
     # ---- DoRA ----------------------------------------------------------------------------
