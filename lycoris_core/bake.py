@@ -1,12 +1,19 @@
 """Bake adapters into a single-file checkpoint, streaming tensor by tensor.
 
 The checkpoint is never loaded whole: its header gives every key and shape, the
-adapters are mapped onto them (``patch.build_plan``), and each tensor is then read
-alone (``safetensors.safe_open``), patched by ``plan.patched`` (float32 sum, one
-rounding into the tensor's dtype) and appended to the output, whose header was
-written first.  safe_open memory-maps the file, and mapped pages that were read count
-toward the process's resident memory, so the reader is reopened every
-``REOPEN_BYTES``: the peak stays near the adapters plus a few layers.
+adapters are mapped onto them (``patch.build_plan``), and the data is then streamed
+in checkpoint order through three threads (``stream_copy``):
+
+* a reader thread ``pread``s ahead into a few reused buffers (no memory map, no
+  per-tensor allocation: fresh large allocations cost page faults);
+* the main thread patches the tensors the plan touches, in place in their read
+  buffer (``patch.patched_value``: float32 sum in a reused workspace, one rounding),
+  with the deltas computed ahead on a fourth thread (``DeltaPrefetch``);
+* a writer thread appends the bytes to the output, whose header was written first.
+
+Untouched tensors are copied as raw bytes in chunks, never becoming torch tensors.
+torch and the read/write syscalls release the GIL, so reading, patching and writing
+overlap; memory stays near the adapters plus a few buffers.
 
 With ``dtype`` ("fp16", "bf16", "fp32") floating tensors are converted; a patched
 tensor is then rounded once, from float32 straight to the target dtype.  The output
@@ -18,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +37,10 @@ from .merge import MergeError, MergeInput, Progress, ProgressFn, _version
 from .reader import DTYPES
 
 REOPEN_BYTES = 64 << 20
+CHUNK_BYTES = 4 << 20  # raw copies go through buffers of this size
+RAW_BUFFERS = 4  # how far the reader may run ahead on raw copies
+TENSOR_BUFFERS = 2  # whole-tensor buffers for tensors that are patched or converted
+PREFETCH_BYTES = 32 << 20  # float32 deltas computed ahead by the delta thread (one always fits)
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _NAME_OF = {v[0]: k for k, v in DTYPES.items()}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -110,10 +123,32 @@ class StreamWriter:
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != nbytes:
             raise MergeError(f"stream writer: {key} has {data.nbytes} bytes, expected {nbytes}")
-        self.fh.write(memoryview(data))
-        self.index += 1
+        self.write_bytes(key, memoryview(data))
+
+    _partial = 0  # bytes of the current entry written so far
+
+    def write_bytes(self, key: str, data) -> None:
+        """Append raw bytes (a buffer) of the current entry; an entry may come in several pieces."""
+        if self.index >= len(self.expected):
+            raise MergeError(f"stream writer: {key} is past the last tensor")
+        want_key, _dtype, _shape, nbytes = self.expected[self.index]
+        view = memoryview(data).cast("B")
+        if key != want_key or self._partial + view.nbytes > nbytes:
+            raise MergeError(f"stream writer: got {view.nbytes} bytes of {key}, expected {want_key} "
+                             f"({nbytes - self._partial} bytes left)")
+        _write_all(self.fh, view)
+        self._partial += view.nbytes
+        if self._partial == nbytes:
+            self.index += 1
+            self._partial = 0
+
+    def skip_empty(self) -> None:
+        """Advance past zero-byte entries (nothing to write for them)."""
+        while self.index < len(self.expected) and self.expected[self.index][3] == 0 and self._partial == 0:
+            self.index += 1
 
     def close(self) -> None:
+        self.skip_empty()
         if self.index != len(self.expected):
             self.fh.close()
             raise MergeError(f"stream writer closed after {self.index} of {len(self.expected)} tensors")
@@ -122,12 +157,241 @@ class StreamWriter:
         self.fh.close()
 
 
+def _write_all(fh, view: memoryview) -> None:
+    while view.nbytes:
+        n = fh.write(view)
+        if n is None or n <= 0:
+            raise OSError("short write")
+        view = view[n:]
+
+
+def _read_into(fd: int, buf: torch.Tensor, nbytes: int, offset: int) -> None:
+    view = memoryview(buf.numpy())[:nbytes]
+    while view.nbytes:
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"unexpected end of file at byte {offset}")
+        view, offset = view[n:], offset + n
+
+
+class _Pool:
+    """A fixed number of reused byte buffers; ``take`` blocks until one is free."""
+
+    def __init__(self, count: int, size: int = 0):
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self.free.put(torch.empty(size, dtype=torch.uint8))
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        buf = self.free.get()
+        if buf.numel() < nbytes:
+            del buf  # release before growing: one large buffer at a time
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        self.free.put(buf)
+
+
+@dataclass
+class StreamItem:
+    """One entry of ``stream_copy``: where its bytes are, and whether they pass through torch."""
+
+    key: str
+    dtype: str  # source dtype name
+    shape: tuple[int, ...]
+    offset: int  # absolute offset in the source file
+    nbytes: int
+    as_tensor: bool  # False: copied as raw bytes
+
+
+def stream_copy(src_path: str, items: list[StreamItem], writer: StreamWriter, transform=None,
+                on_written=None) -> None:
+    """Copy ``items`` from ``src_path`` to ``writer`` in order, reading, transforming and writing
+    in parallel (see the module docstring).
+
+    ``transform(item, tensor)`` gets each ``as_tensor`` item as a tensor over its read buffer
+    and returns what to write: the same tensor (changed in place) or a new one.  Raw items are
+    copied in chunks of ``CHUNK_BYTES``.  ``on_written(item, nbytes)`` is called from this
+    (the calling) thread as each piece is handed to the writer.
+    """
+    raw_pool, tensor_pool = _Pool(RAW_BUFFERS, CHUNK_BYTES), _Pool(TENSOR_BUFFERS)
+    ready: queue.Queue = queue.Queue()
+    to_write: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def read_loop(fd):
+        try:
+            for item in items:
+                if item.as_tensor:
+                    if stop.is_set():
+                        return
+                    if item.nbytes == 0:
+                        continue  # nothing to write: the writer skips empty entries
+                    buf = tensor_pool.take(item.nbytes)
+                    _read_into(fd, buf, item.nbytes, item.offset)
+                    ready.put((item, buf, item.nbytes, tensor_pool))
+                    continue
+                for start in range(0, item.nbytes, CHUNK_BYTES):
+                    if stop.is_set():
+                        return
+                    n = min(CHUNK_BYTES, item.nbytes - start)
+                    buf = raw_pool.take(n)
+                    _read_into(fd, buf, n, item.offset + start)
+                    ready.put((item, buf, n, raw_pool))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failures.append(exc)
+        finally:
+            ready.put(None)
+
+    def write_loop():
+        while True:
+            job = to_write.get()
+            if job is None:
+                return
+            key, data, nbytes, pool, buf = job
+            try:
+                if not failures:
+                    writer.skip_empty()
+                    writer.write_bytes(key, memoryview(data.numpy())[:nbytes])
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                failures.append(exc)
+                stop.set()
+            finally:
+                if pool is not None:
+                    pool.give(buf)
+
+    fd = os.open(src_path, os.O_RDONLY)
+    reader = threading.Thread(target=read_loop, args=(fd,), name="bake-reader", daemon=True)
+    writing = threading.Thread(target=write_loop, name="bake-writer", daemon=True)
+    reader.start()
+    writing.start()
+    try:
+        while True:
+            job = ready.get()
+            if job is None:
+                break
+            if failures:
+                job[3].give(job[1])
+                continue
+            item, buf, nbytes, pool = job
+            if not item.as_tensor:
+                to_write.put((item.key, buf, nbytes, pool, buf))
+            else:
+                tensor = buf[:nbytes].view(DTYPES[item.dtype][0]).reshape(item.shape)
+                result = tensor if transform is None else transform(item, tensor)
+                if result is tensor or result.data_ptr() == tensor.data_ptr():
+                    to_write.put((item.key, buf, nbytes, pool, buf))
+                else:
+                    pool.give(buf)
+                    flat = result.contiguous().reshape(-1).view(torch.uint8)
+                    to_write.put((item.key, flat, flat.numel(), None, None))
+            if on_written is not None:
+                on_written(item, nbytes)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        stop.set()
+        to_write.put(None)
+        writing.join()
+        # the writer gave every buffer back: a reader blocked in take() can finish
+        while reader.is_alive():
+            try:
+                job = ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if job is not None:
+                job[3].give(job[1])
+        reader.join()
+        os.close(fd)
+    if failures:
+        raise failures[0]
+
+
+class DeltaPrefetch:
+    """Computes the strength-1 deltas of the keys to patch, in order, on a second thread.
+
+    It stands in for ``patch.DeltaCache`` in ``accumulate``: ``get`` hands over the delta the
+    thread computed (the same ``_module_delta`` call, so the bits are the same) and frees
+    its budget.  Only deltas that need no original weight are computed ahead; the others,
+    and any the thread could not make, are computed on the spot.
+    """
+
+    def __init__(self, plan, keys, budget: int = PREFETCH_BYTES):
+        self.budget, self.used = budget, 0
+        self.ready: dict = {}
+        self.cond = threading.Condition()
+        self.stop = False
+        self.failed: dict = {}
+        self.order = [(k, c) for k in keys for c in plan.contributions.get(k, ())
+                      if self.ahead(c)]
+        self.planned = {self._key(c.module, c.target) for _k, c in self.order}
+        self.thread = threading.Thread(target=self._run, name="bake-deltas", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def ahead(c) -> bool:
+        return not c.bias and c.strength != 0 and c.module.linear_in_strength and not c.module.uses_weight
+
+    @staticmethod
+    def _key(module, target):
+        return id(module), target.weight_key, target.rows
+
+    def _run(self):
+        from .patch import _module_delta
+
+        for _key, c in self.order:
+            k = self._key(c.module, c.target)
+            with self.cond:
+                while self.used >= self.budget and self.ready and not self.stop:
+                    self.cond.wait()
+                if self.stop:
+                    return
+            try:
+                delta = _module_delta(c.module, c.target, None)
+            except BaseException as exc:  # noqa: BLE001 - raised again where the delta is used
+                with self.cond:
+                    self.failed[k] = exc
+                    self.cond.notify_all()
+                continue
+            with self.cond:
+                self.ready[k] = delta
+                self.used += delta.numel() * delta.element_size()
+                self.cond.notify_all()
+
+    def get(self, module, target, base):
+        from .patch import _module_delta
+
+        k = self._key(module, target)
+        if k in self.planned:
+            with self.cond:
+                while k not in self.ready and k not in self.failed and self.thread.is_alive():
+                    self.cond.wait(0.5)
+                delta = self.ready.pop(k, None)
+                if delta is not None:
+                    self.used -= delta.numel() * delta.element_size()
+                    self.cond.notify_all()
+                self.planned.discard(k)
+            if delta is not None:
+                return delta
+        return _module_delta(module, target, base)  # raises what the thread hit, here
+
+    def close(self):
+        with self.cond:
+            self.stop = True
+            self.ready.clear()
+            self.cond.notify_all()
+        self.thread.join()
+
+
 def bake_checkpoint(checkpoint: str, inputs: list[MergeInput], out_path: str | None, *,
                     dtype: str | None = None, dry_run: bool = False, overwrite: bool = False,
                     progress: ProgressFn | None = None, allow_partial: bool = False) -> BakeReport:
     """Write ``checkpoint`` with ``inputs`` baked in to ``out_path`` (see the module docstring)."""
     from .adapter import load_adapter
-    from .patch import AdapterSpec, build_plan
+    from .patch import AdapterSpec, build_plan, patched_value
     from .reader import read_safetensors_header
     from .rounding import to_dtype
     from .writer import WriteError, atomic_path, check_output, verify_written
@@ -146,7 +410,7 @@ def bake_checkpoint(checkpoint: str, inputs: list[MergeInput], out_path: str | N
             raise MergeError("the output must not be the input checkpoint")
         check_output(out_path, overwrite)
 
-    entries, metadata, _start = read_safetensors_header(checkpoint)
+    entries, metadata, data_start = read_safetensors_header(checkpoint)
     shapes = {k: tuple(v["shape"]) for k, v in entries.items()}
     adapters = [load_adapter(i.path) for i in inputs]
     specs = [AdapterSpec(a, i.strength_unet, i.strength_clip, i.blocks) for a, i in zip(adapters, inputs)]
@@ -194,27 +458,46 @@ def bake_checkpoint(checkpoint: str, inputs: list[MergeInput], out_path: str | N
     out_meta["lycoris_core_bake"] = json.dumps(recipe)
 
     total_bytes = sum(math.prod(s) * DTYPES[d][1] for _k, d, s in out_entries)
+    items = []
+    for key, out_name, shape in out_entries:
+        begin, end = entries[key]["data_offsets"]
+        src = entries[key]["dtype"]
+        items.append(StreamItem(key, src, shape, data_start + begin, end - begin,
+                                key in touched or out_name != src))
+    out_dtype_of = {key: DTYPES[out_name][0] for key, out_name, _shape in out_entries}
+
+    deltas = None
+
+    def transform(item: StreamItem, tensor: torch.Tensor) -> torch.Tensor:
+        out_dtype = out_dtype_of[item.key]
+        if item.key in touched:
+            if out_dtype == tensor.dtype:  # in place, in the read buffer
+                return patched_value(tensor, plan.contributions[item.key], item.key, deltas, out=tensor)
+            # one rounding, float32 -> output dtype
+            return to_dtype(patched_value(tensor.to(torch.float32), plan.contributions[item.key], item.key,
+                                          deltas), out_dtype, item.key)
+        return tensor.to(out_dtype)
+
     bar = Progress(total_bytes, "bake", progress, unit="B")
-    reader = StreamReader(checkpoint)
+
+    def advance(item: StreamItem, nbytes: int) -> None:
+        # output bytes: a converted tensor comes whole, a raw copy in pieces of the same size
+        bar.update(math.prod(item.shape) * DTYPES[out_names[item.key]][1] if item.as_tensor else nbytes)
+
+    out_names = {key: name for key, name, _shape in out_entries}
+    # one torch thread per Python thread: the delta thread and this one compute side by side
+    # (two OpenMP threads per op are many times slower on a busy 2-core machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with atomic_path(out_path, overwrite) as tmp:
             writer = StreamWriter(tmp, out_entries, out_meta)
+            deltas = DeltaPrefetch(plan, [it.key for it in items if it.key in touched])
             try:
-                for key, out_name, shape in out_entries:
-                    begin, end = entries[key]["data_offsets"]
-                    tensor = reader.get(key, end - begin)
-                    out_dtype = DTYPES[out_name][0]
-                    if key in touched:
-                        if out_dtype == tensor.dtype:
-                            tensor = plan.patched(key, tensor)
-                        else:  # one rounding, float32 -> output dtype
-                            tensor = to_dtype(plan.patched(key, tensor.to(torch.float32)), out_dtype, key)
-                    elif out_dtype != tensor.dtype:
-                        tensor = tensor.to(out_dtype)
-                    writer.write(key, tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
-                    del tensor
+                stream_copy(checkpoint, items, writer, transform, advance)
             finally:
+                deltas.close()
+                writer.skip_empty()
                 writer.fh.close() if writer.index != len(out_entries) else writer.close()
             verify_written(tmp, {k: s for k, _d, s in out_entries})
     except OSError as exc:
@@ -222,8 +505,8 @@ def bake_checkpoint(checkpoint: str, inputs: list[MergeInput], out_path: str | N
             raise
         raise WriteError(f"could not write {out_path}: {exc.strerror or exc}") from exc
     finally:
+        torch.set_num_threads(threads)
         bar.close()
-        reader.close()
         for a in adapters:
             a.close()
     report.path = str(out_path)

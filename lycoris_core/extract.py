@@ -117,7 +117,7 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
     cache_b: dict = {}
     bar = Progress(len(todo), "extract", progress, unit="module")
     try:
-        for part, canonical, name, slot, other in todo:
+        for _part, _canonical, name, slot, other in todo:
             shape = tuple(slot.shape)
             with _threads(math.prod(shape)):
                 delta = _slot_tensor(src_b, other, cache_b) - _slot_tensor(src_a, slot, cache_a)

@@ -295,14 +295,40 @@ def summed_delta(contribs: list[Contribution], weight: torch.Tensor | None, shap
     return total
 
 
+def summed_factors(contribs: list[Contribution], shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U, V) with U @ V == Σ sᵢ·ΔWᵢ flattened to (out, in·k·k), strengths folded into U,
+    or None when some contribution has no low-rank factors (Tucker, DoRA, full, weight-dependent)."""
+    us, vs = [], []
+    for c in contribs:
+        if c.strength == 0:
+            continue
+        target = c.patch.target if c.patch is not None else c.target
+        if c.module.uses_weight or not c.module.linear_in_strength or getattr(target, "rows", None) is not None:
+            return None
+        factors = c.module.low_rank_factors()
+        if factors is None:
+            return None
+        u, v = factors
+        if getattr(target, "transposed", False):
+            u, v = v.mT, u.mT
+        if u.shape[0] != shape[0] or v.shape[1] != math.prod(shape[1:]):
+            return None
+        us.append(u * float(c.strength))
+        vs.append(v)
+    if not us:
+        return None
+    return torch.cat(us, 1), torch.cat(vs, 0)
+
+
 # ---- factoring -------------------------------------------------------------------------------
 
 def factorize(delta: torch.Tensor, rank_mode: str, rank_param: float, conv_tucker: bool, svd: str,
-              save_dtype: torch.dtype = torch.float32):
+              save_dtype: torch.dtype = torch.float32, factors: tuple[torch.Tensor, torch.Tensor] | None = None):
     """LoRA/LoCon tensors (suffix -> tensor) for one delta, and its stats row.
 
     Errors are measured after rounding the factors to ``save_dtype``, so they are the
-    errors of the file as written.
+    errors of the file as written.  ``factors`` (U, V with U @ V == delta flattened) let
+    ``svd="auto"`` use the exact factored solver (not for Tucker-2 output).
     """
     from .svd import truncate, tucker2
 
@@ -322,7 +348,7 @@ def factorize(delta: torch.Tensor, rank_mode: str, rank_param: float, conv_tucke
         rank, method, fallback = t.rank, t.method, t.fallback
     else:
         m = delta.reshape(out_ch, -1)
-        t = truncate(m, rank_mode, rank_param, svd)
+        t = truncate(m, rank_mode, rank_param, svd, factors=factors)
         up, down = t.up.to(save_dtype), t.down.to(save_dtype)
         rebuilt = up.float() @ down.float()
         if conv:
@@ -438,8 +464,9 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
                 bar.update()
                 continue
             with _threads(math.prod(shape)):
+                factors = summed_factors(usable, shape) if svd == "auto" else None
                 module_tensors, row, total_sq = factorize(delta, rank_mode, rank_param, conv_tucker, svd,
-                                                          SAVE_DTYPES[save_dtype])
+                                                          SAVE_DTYPES[save_dtype], factors)
             row["module"] = out_name
             row["sources"] = len(usable)
             report.rows.append(row)

@@ -94,6 +94,8 @@ class DeltaCache:
     def get(self, module: AdapterModule, target: Target, base: torch.Tensor | None) -> torch.Tensor:
         if not module.linear_in_strength:
             raise ValueError("only linear-in-strength deltas are cached")
+        if module.cheap_delta:  # rebuilding costs about what reading a cached copy would
+            return _module_delta(module, target, base)
         key = (module, target.weight_key, target.rows, _fingerprint(base) if module.uses_weight else None)
         with self._lock:
             hit = self._items.get(key)
@@ -134,7 +136,7 @@ def _fingerprint(base: torch.Tensor | None) -> bytes | None:
         return None
     flat = base.detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // 256)].to(torch.float32)
-    return bytes(str(tuple(base.shape)), "ascii") + sample.numpy().tobytes()
+    return bytes(str(tuple(base.shape)), "ascii") + sample.cpu().numpy().tobytes()
 
 
 def _base_view(target: Target, base: torch.Tensor | None) -> torch.Tensor | None:
@@ -148,7 +150,10 @@ def _base_view(target: Target, base: torch.Tensor | None) -> torch.Tensor | None
 
 def _module_delta(module: AdapterModule, target: Target, base: torch.Tensor | None,
                   strength: float = 1.0) -> torch.Tensor:
+    """The module's delta for this target, computed on the CPU where its factors live."""
     view = _base_view(target, base)
+    if view is not None and view.device.type != "cpu":
+        view = view.to("cpu")
     needs = module.uses_weight
     if module.linear_in_strength:
         delta = module.delta(view if needs else None)
@@ -172,12 +177,12 @@ def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Co
         rows = c.target.rows
         view = out if rows is None else out.narrow(0, rows[0], rows[1])
         if c.bias:
-            view.add_(c.module.bias_delta(), alpha=strength)
+            view.add_(c.module.bias_delta().to(view.device), alpha=strength)
         elif c.module.linear_in_strength:
             delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
-            view.add_(delta.reshape(view.shape), alpha=strength)
+            view.add_(delta.reshape(view.shape).to(view.device), alpha=strength)
         else:
-            view.add_(_module_delta(c.module, c.target, base, strength).reshape(view.shape))
+            view.add_(_module_delta(c.module, c.target, base, strength).reshape(view.shape).to(view.device))
     return out
 
 
@@ -199,26 +204,60 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
+CHUNK = 1 << 18  # elements per pass (1 MiB of float32): the sum stays in cache between copy, adds and rounding
+
+
+def _flat_terms(base: torch.Tensor, live: Sequence[Contribution], cache: DeltaCache | None):
+    """(flat delta, alpha, first element) per contribution: what the chunked pass adds."""
+    row = base[0].numel() if base.dim() else 1
+    terms = []
+    for c in live:
+        if c.bias:
+            delta, alpha = c.module.bias_delta(), c.strength
+        elif c.module.linear_in_strength:
+            delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
+            alpha = c.strength
+        else:
+            delta, alpha = _module_delta(c.module, c.target, base, c.strength), 1.0
+        start = c.target.rows[0] * row if c.target.rows is not None else 0
+        terms.append((delta.reshape(-1), alpha, start))
+    return terms
+
+
 def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key: str,
                   cache: DeltaCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """round(base + Σ contributions) in base's dtype, written into ``out`` when given.
 
-    The float32 sum lives in a reused buffer (copy in, add each delta, copy out: the
-    same arithmetic as ``AdapterModule.apply``, so results are bit-identical to it).
+    Per element this is exactly ``AdapterModule.apply``'s arithmetic (float32 copy, each
+    delta added in order, one rounding), done in cache-sized chunks so the float32 sum
+    never makes a round trip through memory.
     """
     live = [c for c in contributions if c.strength != 0]
     if not live:
         return base.clone() if out is None else out.copy_(base)
-    work = _WORKSPACE.take(base.shape)
-    work.copy_(base)
-    accumulate(work, base, live, cache)
-    check_range(work, base.dtype, key)
-    if base.dtype in FP8_FORMATS:
+    if base.dtype in FP8_FORMATS or not base.is_contiguous():  # fp8's rounding noise is drawn per tensor
+        work = base.to(torch.float32, copy=True)
+        accumulate(work, base, live, cache)
+        check_range(work, base.dtype, key)
         result = to_dtype(work, base.dtype, key)
         return result if out is None else out.copy_(result)
+    terms = _flat_terms(base, live, cache)
     if out is None:
-        return work.to(base.dtype, copy=True)
-    return out.copy_(work)
+        out = torch.empty_like(base)
+    src, dst = base.reshape(-1), out.view(-1)
+    total = src.numel()
+    work = _WORKSPACE.take((min(CHUNK, total),))
+    for lo in range(0, total, CHUNK):
+        hi = min(lo + CHUNK, total)
+        part = work[: hi - lo]
+        part.copy_(src[lo:hi])
+        for delta, alpha, start in terms:
+            a, b = max(lo, start), min(hi, start + delta.numel())
+            if a < b:
+                part[a - lo : b - lo].add_(delta[a - start : b - start], alpha=alpha)
+        check_range(part, base.dtype, key)
+        dst[lo:hi].copy_(part)
+    return out
 
 
 @dataclass

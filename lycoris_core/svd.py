@@ -6,16 +6,22 @@ flattened to (out, in·k·k)) and returns factors plus the error they leave:
 * rank modes: ``fixed`` (rank = param), ``ratio`` (σ > param·σ_max), ``energy``
   (smallest rank keeping that fraction of Σσ², LyCORIS calls it "quantile") and
   ``threshold`` (σ > param);
-* solvers: ``exact`` (``torch.linalg.svd``), ``randomized`` (``torch.svd_lowrank``
-  with oversampling and power iterations) and ``auto``, which keeps the randomized
-  result only when a certificate proves its error is within ``AUTO_BOUND`` (1%) of the
-  exact truncation error, and otherwise falls back to the exact solver.
+* solvers: ``exact`` (``torch.linalg.svd``), ``randomized`` (own range finder: Gaussian
+  sketch, oversampling that grows with the rank, power iterations re-orthonormalised
+  by QR at each step) and ``auto``, which decides up front (``auto_plan``): the exact
+  ``factored`` solver when the caller passes low-rank factors M = U V with a small
+  inner size (merge/convert/resize of LoRA, LoHa, LoKr), randomized when the rank is
+  small against the matrix, exact otherwise.  A randomized result is kept only when a
+  certificate proves its error is within ``AUTO_BOUND`` (1%) of the exact truncation
+  error; otherwise auto falls back to the exact solver (and reports the fallback).
 
-The certificate.  Let P = QQᵀ project on the randomized range (q columns) and σ̂ᵢ the
-singular values of PM.  Weyl's inequality gives σᵢ(M) ≤ σ̂ᵢ + ‖(I−P)M‖₂ and
-‖(I−P)M‖₂ ≤ δ := ‖(I−P)M‖_F = sqrt(‖M‖² − ‖QᵀM‖²), exact and cheap.  So the exact
-rank-r error satisfies E_r² = ‖M‖² − Σ_{i≤r} σᵢ² ≥ ‖M‖² − Σ_{i≤r} (σ̂ᵢ + δ)² =: L², and
-the randomized error E (measured directly) is accepted when E ≤ (1 + bound)·L.
+The certificate.  Let P = QQᵀ project on the randomized range (q columns), σ̂ᵢ the
+singular values of PM and δ² = ‖(I−P)M‖_F² = ‖M‖² − ‖QᵀM‖² (exact and cheap).  The
+cross terms of MᵀM = (PM)ᵀPM + ((I−P)M)ᵀ(I−P)M vanish, so by Ky Fan's inequality
+Σ_{i≤r} σᵢ(M)² ≤ Σ_{i≤r} σ̂ᵢ² + δ², and the exact rank-r error satisfies
+E_r² = ‖M‖² − Σ_{i≤r} σᵢ² ≥ ‖M‖² − Σ_{i≤r} σ̂ᵢ² − δ² =: L².  The randomized error E
+(measured directly) is accepted when E ≤ (1 + bound)·L.  (This is tighter than the
+Weyl bound Σ (σ̂ᵢ + δ)² used before, yet still rigorous.)
 Errors are always measured as ‖M − UΣVᵀ‖_F on the returned factors, never estimated.
 """
 
@@ -29,8 +35,9 @@ import torch
 RANK_MODES = ("fixed", "ratio", "energy", "threshold")
 SVD_METHODS = ("auto", "exact", "randomized")
 AUTO_BOUND = 0.01  # randomized error may exceed the exact truncation error by at most 1%
-OVERSAMPLE = 10
-POWER_ITERS = 2
+OVERSAMPLE = 10  # at least; oversampling(rank) grows it with the rank
+POWER_ITERS = 4
+FACTORED_SHARE = 0.5  # auto factors exactly when the stacked inner size R <= this x min(out, in)
 AUTO_GUESS = 64  # columns first sampled when the rank is decided by the spectrum
 
 
@@ -43,7 +50,7 @@ class Truncation:
     rank: int
     kept_energy: float  # ‖UΣVᵀ‖²/‖M‖² (1.0 for a zero matrix)
     rel_error: float  # ‖M − UΣVᵀ‖_F / ‖M‖_F
-    method: str  # "exact" | "randomized"
+    method: str  # "exact" | "randomized" | "factored" (exact SVD from low-rank factors)
     fallback: bool = False  # auto tried the randomized solver and its certificate failed
 
 
@@ -137,19 +144,35 @@ def exact_svd(m: torch.Tensor, mode: str, param: float, max_rank: int | None = N
     return _finish(m, u, s, vh, r, total_sq, "exact")
 
 
+def oversampling(rank: int) -> int:
+    """Extra sampled columns: grows with the rank (a cut inside a dense spectrum needs them)."""
+    return max(OVERSAMPLE, rank // 2)
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x)[0]
+
+
 def _randomized(m: torch.Tensor, q: int, niter: int, seed: int):
-    # svd_lowrank draws its test matrix from the global generator: fix it for reproducible output
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        u, s, v = torch.svd_lowrank(m, q=q, niter=niter)
-    finally:
-        torch.random.set_rng_state(state)
-    return u, s, v.mT
+    """Randomized range finder with power iterations, re-orthonormalised (QR) at every step.
+
+    Without the QRs, (MMᵀ)^k M Ω loses every direction below σ₁·ε^(1/(2k+1)) to float32
+    rounding; with them each step keeps full accuracy.  Own generator: reproducible and the
+    global RNG is left alone.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = m.shape
+    omega = torch.randn(cols, q, generator=gen, dtype=m.dtype)
+    basis = _orth(m @ omega)
+    for _ in range(niter):
+        basis = _orth(m @ _orth(m.mT @ basis))
+    small = basis.mT @ m  # (q, cols)
+    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return basis @ ub, s, vh
 
 
 def randomized_svd(m: torch.Tensor, mode: str, param: float, *, max_rank: int | None = None,
-                   oversample: int = OVERSAMPLE, niter: int = POWER_ITERS, seed: int = 0,
+                   oversample: int | None = None, niter: int = POWER_ITERS, seed: int = 0,
                    certify: bool = False, bound: float = AUTO_BOUND) -> Truncation | None:
     """Randomized truncation; with ``certify`` returns None when it cannot be trusted.
 
@@ -163,7 +186,7 @@ def randomized_svd(m: torch.Tensor, mode: str, param: float, *, max_rank: int | 
     target = int(param) if mode == "fixed" else AUTO_GUESS
     if max_rank is not None:
         target = min(target, max_rank)
-    q = min(small, target + oversample)
+    q = min(small, target + (oversampling(target) if oversample is None else oversample))
     u, s, vh = _randomized(m, q, niter, seed)
     captured = _sq(s)  # = ‖QᵀM‖² = ‖PM‖²
     r = choose_rank(s, mode, param, total_sq=total_sq, max_rank=max_rank)
@@ -177,9 +200,12 @@ def randomized_svd(m: torch.Tensor, mode: str, param: float, *, max_rank: int | 
             return None
     out = _finish(m, u, s, vh, r, total_sq, "randomized")
     if certify:
-        delta = math.sqrt(max(0.0, total_sq - captured))
+        # ‖M‖² = ‖PM‖² + ‖(I−P)M‖² and MᵀM = (PM)ᵀ(PM) + ((I−P)M)ᵀ((I−P)M) (the cross terms
+        # vanish), so by Ky Fan Σ_{i≤r} σᵢ(M)² ≤ Σ_{i≤r} σ̂ᵢ² + ‖(I−P)M‖_F² and the exact
+        # rank-r error is at least L² = ‖M‖² − Σ_{i≤r} σ̂ᵢ² − δ², δ² = ‖M‖² − ‖QᵀM‖².
+        delta_sq = max(0.0, total_sq - captured)
         s64 = s[:r].to(torch.float64)
-        lower_sq = total_sq - float(((s64 + delta) ** 2).sum())
+        lower_sq = total_sq - float((s64 * s64).sum()) - delta_sq
         err = out.rel_error * math.sqrt(total_sq)
         if err > 0 and (lower_sq <= 0 or err > (1 + bound) * math.sqrt(lower_sq)):
             # a near-exact answer (error ~ float32 noise) is accepted as it is
@@ -188,14 +214,61 @@ def randomized_svd(m: torch.Tensor, mode: str, param: float, *, max_rank: int | 
     return out
 
 
+def factored_svd(m: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor, mode: str, param: float,
+                 max_rank: int | None = None) -> Truncation:
+    """Exact truncated SVD of M = U V (U: m×R, V: R×n) in O((m+n)R² + R³).
+
+    U = Q₁R₁, Vᵀ = Q₂R₂, R₁R₂ᵀ = XΣYᵀ (R×R) give M = (Q₁X) Σ (Q₂Y)ᵀ: the SVD of M itself, so
+    its truncation is the optimal one.  The error is measured against ``m`` (the dense
+    matrix) when given, else against U V rebuilt.
+    """
+    u, v = u.to(torch.float32), v.to(torch.float32)
+    if m is None:
+        m = u @ v
+    m = m.to(torch.float32)
+    total_sq = _sq(m)
+    if total_sq == 0:
+        return exact_svd(m, mode, param, max_rank)
+    q1, r1 = torch.linalg.qr(u)
+    q2, r2 = torch.linalg.qr(v.mT)
+    x, s, yh = torch.linalg.svd(r1 @ r2.mT, full_matrices=False)
+    # the spectrum beyond R is zero: choose_rank sees all of it (energy/ratio are exact)
+    r = choose_rank(s, mode, param, max_rank=max_rank)
+    return _finish(m, q1 @ x, s, yh @ q2.mT, r, total_sq, "factored")
+
+
 def truncate(m: torch.Tensor, mode: str = "fixed", param: float = 16, method: str = "auto", *,
-             max_rank: int | None = None, seed: int = 0) -> Truncation:
-    """Truncated SVD of a 2-D matrix by the chosen solver (see module docstring)."""
+             max_rank: int | None = None, seed: int = 0,
+             factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Truncation:
+    """Truncated SVD of a 2-D matrix by the chosen solver (see module docstring).
+
+    ``factors`` (U, V) with U @ V == m let ``auto`` take the exact factored solver when
+    their inner size is small (see ``auto_plan``).
+    """
     with _threads(m.numel()):
-        return _truncate(m, mode, param, method, max_rank=max_rank, seed=seed)
+        return _truncate(m, mode, param, method, max_rank=max_rank, seed=seed, factors=factors)
 
 
-def _truncate(m, mode, param, method, *, max_rank, seed) -> Truncation:
+def auto_plan(shape, mode: str, param: float, max_rank: int | None = None, inner: int | None = None) -> str:
+    """What ``auto`` runs, decided up front: "factored", "randomized" or "exact".
+
+    factored when the stacked factors' inner size R is at most FACTORED_SHARE × min(m, n)
+    (exact, cheapest); randomized when the sample (rank + oversampling) is at most a third
+    of min(m, n); exact otherwise.  Randomized still falls back to exact when its
+    certificate fails (see the module docstring).
+    """
+    small = min(shape)
+    if inner is not None and 0 < inner <= FACTORED_SHARE * small:
+        return "factored"
+    wanted = int(param) if mode == "fixed" else AUTO_GUESS
+    if max_rank is not None:
+        wanted = min(wanted, max_rank)
+    if small < 64 or 3 * (wanted + oversampling(wanted)) > small:
+        return "exact"
+    return "randomized"
+
+
+def _truncate(m, mode, param, method, *, max_rank, seed, factors=None) -> Truncation:
     if m.dim() != 2:
         raise ValueError(f"truncate takes a matrix, got shape {tuple(m.shape)}")
     check_mode(mode, param)
@@ -203,16 +276,20 @@ def _truncate(m, mode, param, method, *, max_rank, seed) -> Truncation:
         mode = "energy"
     if method not in SVD_METHODS:
         raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, not {method!r}")
-    small = min(m.shape)
     if method == "exact":
         return exact_svd(m, mode, param, max_rank)
     if method == "randomized":
         return randomized_svd(m, mode, param, max_rank=max_rank, seed=seed)
-    # auto: the randomized solver only pays off well below full rank
-    wanted = int(param) if mode == "fixed" else AUTO_GUESS
-    if max_rank is not None:
-        wanted = min(wanted, max_rank)
-    if small < 64 or 3 * (wanted + OVERSAMPLE) > small:
+    inner = None
+    if factors is not None:
+        u, v = factors
+        if u.shape[0] != m.shape[0] or v.shape[1] != m.shape[1] or u.shape[1] != v.shape[0]:
+            raise ValueError(f"factors {tuple(u.shape)} @ {tuple(v.shape)} do not make {tuple(m.shape)}")
+        inner = u.shape[1]
+    plan = auto_plan(m.shape, mode, param, max_rank, inner)
+    if plan == "factored":
+        return factored_svd(m, factors[0], factors[1], mode, param, max_rank)
+    if plan == "exact":
         return exact_svd(m, mode, param, max_rank)
     out = randomized_svd(m, mode, param, max_rank=max_rank, seed=seed, certify=True)
     if out is None:

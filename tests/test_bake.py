@@ -7,7 +7,6 @@ check run with LYCORIS_LONG=1.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -9,7 +9,6 @@ from lycoris_core.errors import LycorisError, OutputExistsError
 from lycoris_core.merge import MergeInput, merge_adapters
 from lycoris_core.synthetic import synthetic_adapter
 
-
 SMALL = {
     "conv_in", "conv_out", "down_blocks.0.attentions.0.proj_in",
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -166,3 +165,16 @@ def test_block_weights_scale_unet_blocks(tmp_path):
     names = set(load_adapter(str(out)).modules)
     # conv_in and down_blocks.0 are IN00-IN02 (zeroed); conv_out lies outside every block
     assert names == {"lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_conv_out"}
+
+
+def test_auto_merge_of_low_rank_inputs_is_factored_and_exact(tmp_path):
+    a = write_adapter(tmp_path, "lora", seed=5)
+    b = write_adapter(tmp_path, "loha", seed=6, rank=2)
+    auto = merge_adapters([MergeInput(a, 0.5, 0.25), MergeInput(b, -0.7, 1.0)], None, rank_param=6, dry_run=True)
+    exact = merge_adapters([MergeInput(a, 0.5, 0.25), MergeInput(b, -0.7, 1.0)], None, rank_param=6, svd="exact",
+                           dry_run=True)
+    methods = {r["module"]: r["method"] for r in auto.merged}
+    assert "factored" in methods.values()
+    ref = {r["module"]: r["rel_error"] for r in exact.merged}
+    for row in auto.merged:
+        assert row["rel_error"] <= ref[row["module"]] * 1.001 + 1e-6

@@ -153,14 +153,14 @@ def test_stack_sums_once_per_key(loras, model, clip):
 def test_strength_change_reuses_file_and_deltas(loras, model):
     snap = snapshot(model.model)
     loader = LycorisLoaderModelOnly()
-    first, _ = run(lambda: loader.apply(model, "demo_lokr.safetensors", 1.0))["result"]
+    first, _ = run(lambda: loader.apply(model, "demo_loha.safetensors", 1.0))["result"]
     run(lambda: comfy.model_management.load_models_gpu([first]))
     loads, hits, misses = glue.ADAPTERS.misses, glue.DELTAS.hits, glue.DELTAS.misses
-    second, _ = run(lambda: loader.apply(model, "demo_lokr.safetensors", 0.25))["result"]
+    second, _ = run(lambda: loader.apply(model, "demo_loha.safetensors", 0.25))["result"]
     run(lambda: comfy.model_management.load_models_gpu([second]))  # another clone: unpatch, re-patch
     assert glue.ADAPTERS.misses == loads
     assert glue.DELTAS.misses == misses and glue.DELTAS.hits > hits
-    plan = expected_plan(loras, [("demo_lokr.safetensors", 0.25, 0.0, "")])
+    plan = expected_plan(loras, [("demo_loha.safetensors", 0.25, 0.0, "")])
     check_patched(second, plan, snap, "diffusion_model.")
     run(lambda: second.unpatch_model())
     assert_restored(model.model, snap)

@@ -39,6 +39,8 @@ class AdapterModule:
     linear_in_strength: bool = True
     #: algorithms whose delta may be re-normalised by a ``dora_scale``
     supports_dora: bool = False
+    #: rebuilding the delta costs about one pass over it (kron, a stored diff): not worth caching
+    cheap_delta: bool = False
 
     def __init__(self, name: str, keys: Mapping[str, str], source: TensorSource,
                  default_alpha: float | None = None):

@@ -7,6 +7,7 @@ from .base import AdapterModule
 
 class Full(AdapterModule):
     algo = "full"
+    cheap_delta = True
     required = ("diff",)
     optional = ("diff_b",)
 

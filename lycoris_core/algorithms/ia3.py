@@ -7,6 +7,7 @@ from .base import AdapterModule, prod
 
 class IA3(AdapterModule):
     algo = "ia3"
+    cheap_delta = True
     required = ("weight", "on_input")
     uses_weight = True
 

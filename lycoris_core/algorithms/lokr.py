@@ -13,6 +13,7 @@ from .base import AdapterModule
 
 class LoKr(AdapterModule):
     algo = "lokr"
+    cheap_delta = True
     required = ()
     optional = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 

@@ -7,6 +7,7 @@ from .base import AdapterModule
 
 class Norm(AdapterModule):
     algo = "norm"
+    cheap_delta = True
     required = ("w_norm",)
     optional = ("b_norm",)
 
