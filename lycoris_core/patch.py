@@ -160,7 +160,8 @@ def _module_delta(module: AdapterModule, target: Target, base: torch.Tensor | No
     else:
         delta = module.strength_delta(view, strength)
     delta = delta.reshape(target.shape)
-    return delta.t() if target.transposed else delta
+    # contiguous once here, so every later (cached) use is a flat view, never a copy
+    return (delta.t() if target.transposed else delta).contiguous()
 
 
 def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Contribution],
