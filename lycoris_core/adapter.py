@@ -42,7 +42,8 @@ class Adapter:
 
     @property
     def path(self) -> str | None:
-        return self.name if isinstance(self.source, TensorSource) and os.path.isfile(self.name) else None
+        """The file the adapter was read from, or None for a dict of tensors."""
+        return self.name if os.path.isfile(self.name) else None
 
     def algorithms(self) -> Counter:
         return Counter(m.describe() for m in self.modules.values())

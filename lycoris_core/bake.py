@@ -36,7 +36,6 @@ from .errors import LycorisError
 from .merge import MergeError, MergeInput, Progress, ProgressFn, _version
 from .reader import DTYPES
 
-REOPEN_BYTES = 64 << 20
 CHUNK_BYTES = 4 << 20  # raw copies go through buffers of this size
 RAW_BUFFERS = 4  # how far the reader may run ahead on raw copies
 TENSOR_BUFFERS = 2  # whole-tensor buffers for tensors that are patched or converted
@@ -72,28 +71,6 @@ class BakeReport:
         elif self.dry_run:
             lines.append("dry run: nothing written")
         return "\n".join(lines)
-
-
-class StreamReader:
-    """One tensor at a time from a safetensors file, dropping the memory map every so often."""
-
-    def __init__(self, path: str, reopen_bytes: int = REOPEN_BYTES):
-        self.path, self.reopen_bytes = path, reopen_bytes
-        self._handle = None
-        self._since = 0
-
-    def get(self, key: str, nbytes: int) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if self._handle is None or self._since >= self.reopen_bytes:
-            self._handle = None  # unmap before mapping again
-            self._handle = safe_open(self.path, framework="pt", device="cpu")
-            self._since = 0
-        self._since += nbytes
-        return self._handle.get_tensor(key).clone()  # own the memory, not the map
-
-    def close(self) -> None:
-        self._handle = None
 
 
 class StreamWriter:
@@ -314,7 +291,7 @@ class DeltaPrefetch:
     """Computes the strength-1 deltas of the keys to patch, in order, on a second thread.
 
     It stands in for ``patch.DeltaCache`` in ``accumulate``: ``get`` hands over the delta the
-    thread computed (the same ``_module_delta`` call, so the bits are the same) and frees
+    thread computed (the same ``module_delta`` call, so the bits are the same) and frees
     its budget.  Only deltas that need no original weight are computed ahead; the others,
     and any the thread could not make, are computed on the spot.
     """
@@ -340,7 +317,7 @@ class DeltaPrefetch:
         return id(module), target.weight_key, target.rows
 
     def _run(self):
-        from .patch import _module_delta
+        from .patch import module_delta
 
         for _key, c in self.order:
             k = self._key(c.module, c.target)
@@ -350,7 +327,7 @@ class DeltaPrefetch:
                 if self.stop:
                     return
             try:
-                delta = _module_delta(c.module, c.target, None)
+                delta = module_delta(c.module, c.target, None)
             except BaseException as exc:  # noqa: BLE001 - raised again where the delta is used
                 with self.cond:
                     self.failed[k] = exc
@@ -362,7 +339,7 @@ class DeltaPrefetch:
                 self.cond.notify_all()
 
     def get(self, module, target, base):
-        from .patch import _module_delta
+        from .patch import module_delta
 
         k = self._key(module, target)
         if k in self.planned:
@@ -376,7 +353,7 @@ class DeltaPrefetch:
                 self.planned.discard(k)
             if delta is not None:
                 return delta
-        return _module_delta(module, target, base)  # raises what the thread hit, here
+        return module_delta(module, target, base)  # raises what the thread hit, here
 
     def close(self):
         with self.cond:

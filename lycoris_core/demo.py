@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .synthetic import module_tensors
 from .writer import save_tensors
 
 # (kohya module name, weight shape) — a slice of SD1.5: attention, feed-forward, conv, text encoder
@@ -31,54 +32,16 @@ DEMO_METADATA = {
 }
 
 
-def _lora(gen, shape, rank=8, alpha=4.0):
-    out, inp, *kernel = shape
-    return {
-        "lora_down.weight": torch.randn(rank, inp, *kernel, generator=gen) * 0.05,
-        "lora_up.weight": torch.randn(out, rank, *([1] * len(kernel)), generator=gen) * 0.05,
-        "alpha": torch.tensor(alpha),
-    }
-
-
-def _loha(gen, shape, rank=4, alpha=2.0):
-    out, flat = shape[0], int(torch.tensor(shape[1:]).prod())
-    return {
-        "hada_w1_a": torch.randn(out, rank, generator=gen) * 0.1,
-        "hada_w1_b": torch.randn(rank, flat, generator=gen) * 0.1,
-        "hada_w2_a": torch.randn(out, rank, generator=gen) * 0.1,
-        "hada_w2_b": torch.randn(rank, flat, generator=gen) * 0.1,
-        "alpha": torch.tensor(alpha),
-    }
-
-
-def _factor(dim: int) -> tuple[int, int]:
-    """Most balanced split a*b = dim with a <= b (LyCORIS's factor -1)."""
-    a = int(dim ** 0.5)
-    while dim % a:
-        a -= 1
-    return a, dim // a
-
-
-def _lokr(gen, shape, rank=4, alpha=4.0):
-    out, inp, *kernel = shape
-    (a, b), (c, d) = _factor(out), _factor(inp)
-    flat = d * int(torch.tensor(kernel or [1]).prod())
-    return {
-        "lokr_w1": torch.randn(a, c, generator=gen) * 0.1,
-        "lokr_w2_a": torch.randn(b, rank, generator=gen) * 0.1,
-        "lokr_w2_b": torch.randn(rank, flat, generator=gen) * 0.1,
-        "alpha": torch.tensor(alpha),
-    }
-
-
-BUILDERS = {"lora": _lora, "loha": _loha, "lokr": _lokr}
+# algorithm -> (rank, alpha): one each of the three most common kinds
+DEMO_ALGOS = {"lora": (8, 4.0), "loha": (4, 2.0), "lokr": (4, 4.0)}
 
 
 def demo_tensors(algo: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    rank, alpha = DEMO_ALGOS[algo]
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in DEMO_MODULES:
-        for suffix, value in BUILDERS[algo](gen, shape).items():
+        for suffix, value in module_tensors(algo, shape, gen, rank=rank, alpha=alpha).items():
             tensors[f"{name}.{suffix}"] = value.to(torch.float16)
     return tensors
 
@@ -88,7 +51,7 @@ def write_demo_files(folder, overwrite: bool = False) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for seed, algo in enumerate(BUILDERS):
+    for seed, algo in enumerate(DEMO_ALGOS):
         path = folder / f"demo_{algo}.safetensors"
         meta = dict(DEMO_METADATA, ss_network_args=json.dumps({"algo": algo}))
         written.append(save_tensors(demo_tensors(algo, seed), path, meta, overwrite=overwrite))

@@ -84,11 +84,6 @@ def base_model(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def network_args(metadata: dict[str, str]) -> dict:
-    args = _json(metadata.get("ss_network_args"))
-    return args if isinstance(args, dict) else {}
-
-
 def preview_image(path: str | os.PathLike | None) -> Path | None:
     """A preview image beside the adapter: <name>.preview.png, <name>.png, .jpg, .webp."""
     if not path:

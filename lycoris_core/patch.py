@@ -95,7 +95,7 @@ class DeltaCache:
         if not module.linear_in_strength:
             raise ValueError("only linear-in-strength deltas are cached")
         if module.cheap_delta:  # rebuilding costs about what reading a cached copy would
-            return _module_delta(module, target, base)
+            return module_delta(module, target, base)
         key = (module, target.weight_key, target.rows, _fingerprint(base) if module.uses_weight else None)
         with self._lock:
             hit = self._items.get(key)
@@ -105,7 +105,7 @@ class DeltaCache:
                 self.hits += 1
                 return hit[0]
             self.misses += 1
-        delta = _module_delta(module, target, base)
+        delta = module_delta(module, target, base)
         self._keep(key, delta)
         return delta
 
@@ -148,7 +148,7 @@ def _base_view(target: Target, base: torch.Tensor | None) -> torch.Tensor | None
     return base.t() if target.transposed else base
 
 
-def _module_delta(module: AdapterModule, target: Target, base: torch.Tensor | None,
+def module_delta(module: AdapterModule, target: Target, base: torch.Tensor | None,
                   strength: float = 1.0) -> torch.Tensor:
     """The module's delta for this target, computed on the CPU where its factors live."""
     view = _base_view(target, base)
@@ -164,6 +164,22 @@ def _module_delta(module: AdapterModule, target: Target, base: torch.Tensor | No
     return (delta.t() if target.transposed else delta).contiguous()
 
 
+def contribution_delta(c: Contribution, base: torch.Tensor, cache: DeltaCache | None = None,
+                       scale: float = 1.0) -> tuple[torch.Tensor, float]:
+    """(delta, alpha) so that adding ``alpha * delta`` applies ``c`` at its strength times ``scale``.
+
+    Linear-in-strength deltas come at strength 1 (from the cache when given) with the
+    strength as alpha; OFT/BOFT deltas are built at their strength and added once.
+    """
+    strength = c.strength * scale
+    if c.bias:
+        return c.module.bias_delta(), strength
+    if c.module.linear_in_strength:
+        delta = cache.get(c.module, c.target, base) if cache is not None else module_delta(c.module, c.target, base)
+        return delta, strength
+    return module_delta(c.module, c.target, base, strength), 1.0
+
+
 def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Contribution],
                cache: DeltaCache | None = None, scale: float = 1.0) -> torch.Tensor:
     """Add every contribution into ``out`` (float32, shaped like ``base``) in place.
@@ -172,18 +188,12 @@ def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Co
     never the running sum.  ``scale`` multiplies every strength (ComfyUI's strength_patch).
     """
     for c in contributions:
-        strength = c.strength * scale
-        if strength == 0:
+        if c.strength * scale == 0:
             continue
         rows = c.target.rows
         view = out if rows is None else out.narrow(0, rows[0], rows[1])
-        if c.bias:
-            view.add_(c.module.bias_delta().to(view.device), alpha=strength)
-        elif c.module.linear_in_strength:
-            delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
-            view.add_(delta.reshape(view.shape).to(view.device), alpha=strength)
-        else:
-            view.add_(_module_delta(c.module, c.target, base, strength).reshape(view.shape).to(view.device))
+        delta, alpha = contribution_delta(c, base, cache, scale)
+        view.add_(delta.reshape(view.shape).to(view.device), alpha=alpha)
     return out
 
 
@@ -213,13 +223,7 @@ def _flat_terms(base: torch.Tensor, live: Sequence[Contribution], cache: DeltaCa
     row = base[0].numel() if base.dim() else 1
     terms = []
     for c in live:
-        if c.bias:
-            delta, alpha = c.module.bias_delta(), c.strength
-        elif c.module.linear_in_strength:
-            delta = cache.get(c.module, c.target, base) if cache is not None else _module_delta(c.module, c.target, base)
-            alpha = c.strength
-        else:
-            delta, alpha = _module_delta(c.module, c.target, base, c.strength), 1.0
+        delta, alpha = contribution_delta(c, base, cache)
         start = c.target.rows[0] * row if c.target.rows is not None else 0
         terms.append((delta.reshape(-1), alpha, start))
     return terms

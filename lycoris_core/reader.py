@@ -104,10 +104,6 @@ class SafetensorsSource(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES[self._entries[key]["dtype"]][0]
 
-    def nbytes(self, key: str) -> int:
-        begin, end = self._entries[key]["data_offsets"]
-        return end - begin
-
     def _open(self):
         if self._handle is None:
             from safetensors import safe_open
