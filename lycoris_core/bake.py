@@ -7,8 +7,9 @@ in checkpoint order through three threads (``stream_copy``):
 * a reader thread ``pread``s ahead into a few reused buffers (no memory map, no
   per-tensor allocation: fresh large allocations cost page faults);
 * the main thread patches the tensors the plan touches, in place in their read
-  buffer (``patch.patched_value``: float32 sum in a reused workspace, one rounding),
-  with the deltas computed ahead on a fourth thread (``DeltaPrefetch``);
+  buffer (``patch.patched_value``: float32 sum in a reused workspace, one rounding);
+  LoRA and LoHa deltas are built tile by tile inside that pass (``tiles``), the
+  others computed ahead on a fourth thread (``DeltaPrefetch``);
 * a writer thread appends the bytes to the output, whose header was written first.
 
 Untouched tensors are copied as raw bytes in chunks, never becoming torch tensors.
@@ -290,7 +291,7 @@ def stream_copy(src_path: str, items: list[StreamItem], writer: StreamWriter, tr
 class DeltaPrefetch:
     """Computes the strength-1 deltas of the keys to patch, in order, on a second thread.
 
-    It stands in for ``patch.DeltaCache`` in ``accumulate``: ``get`` hands over the delta the
+    It stands in for ``patch.DeltaCache`` in ``patched_value``: ``get`` hands over the delta the
     thread computed (the same ``module_delta`` call, so the bits are the same) and frees
     its budget.  Only deltas that need no original weight are computed ahead; the others,
     and any the thread could not make, are computed on the spot.
@@ -310,7 +311,18 @@ class DeltaPrefetch:
 
     @staticmethod
     def ahead(c) -> bool:
-        return not c.bias and c.strength != 0 and c.module.linear_in_strength and not c.module.uses_weight
+        from .patch import streams
+
+        # streamed deltas are built tile by tile inside the patch pass: nothing to do ahead
+        return (not c.bias and c.strength != 0 and c.module.linear_in_strength and not c.module.uses_weight
+                and not streams(c))
+
+    def peek(self, module, target, base):
+        """Nothing is kept for streamed deltas (see ``patch.patched_value``)."""
+        return None
+
+    def room(self, size: int) -> bool:
+        return False
 
     @staticmethod
     def _key(module, target):

@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,7 @@ from .blocks import BlockWeights, parse_block_weights
 from .errors import ArchitectureMismatchError, BlockWeightError, LycorisError
 from .keymap import MatchReport, Target, map_adapter
 from .rounding import FP8_FORMATS, check_range, to_dtype
+from .tiles import WORKSPACE, RowFill, tiles
 
 
 def _default_cache_bytes() -> int:
@@ -91,36 +93,53 @@ class DeltaCache:
         with self._lock:
             self.epoch += 1
 
+    def _key(self, module: AdapterModule, target: Target, base: torch.Tensor | None) -> tuple:
+        return module, target.weight_key, target.rows, _fingerprint(base) if module.uses_weight else None
+
+    def peek(self, module: AdapterModule, target: Target, base: torch.Tensor | None) -> torch.Tensor | None:
+        """The kept delta, or None (nothing is computed)."""
+        key = self._key(module, target, base)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._items[key] = (hit[0], self.epoch)
+            self._items.move_to_end(key)
+            self.hits += 1
+            return hit[0]
+
     def get(self, module: AdapterModule, target: Target, base: torch.Tensor | None) -> torch.Tensor:
+        """The delta, kept or computed (and kept when there is room)."""
         if not module.linear_in_strength:
             raise ValueError("only linear-in-strength deltas are cached")
         if module.cheap_delta:  # rebuilding costs about what reading a cached copy would
             return module_delta(module, target, base)
-        key = (module, target.weight_key, target.rows, _fingerprint(base) if module.uses_weight else None)
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items[key] = (hit[0], self.epoch)
-                self._items.move_to_end(key)
-                self.hits += 1
-                return hit[0]
-            self.misses += 1
-        delta = module_delta(module, target, base)
-        self._keep(key, delta)
+        delta = self.peek(module, target, base)
+        if delta is None:
+            delta = module_delta(module, target, base)
+            if self.room(delta.numel() * delta.element_size()):
+                self.put(module, target, base, delta)
         return delta
 
-    def _keep(self, key: tuple, delta: torch.Tensor) -> None:
-        size = delta.numel() * delta.element_size()
+    def room(self, size: int) -> bool:
+        """Make room for ``size`` bytes by dropping entries of earlier passes; False if it cannot."""
         if size > self.budget:
-            return
+            return False
         with self._lock:
             while self.used + size > self.budget:
                 oldest_key, (oldest, epoch) = next(iter(self._items.items()))
                 if epoch == self.epoch:
-                    return  # everything left is in use this pass: do not thrash
+                    return False  # everything left is in use this pass: do not thrash
                 del self._items[oldest_key]
                 self.used -= oldest.numel() * oldest.element_size()
-            if key not in self._items:
+            return True
+
+    def put(self, module: AdapterModule, target: Target, base: torch.Tensor | None, delta: torch.Tensor) -> None:
+        size = delta.numel() * delta.element_size()
+        key = self._key(module, target, base)
+        with self._lock:
+            if key not in self._items and self.used + size <= self.budget:
                 self._items[key] = (delta, self.epoch)
                 self.used += size
 
@@ -197,35 +216,45 @@ def accumulate(out: torch.Tensor, base: torch.Tensor, contributions: Iterable[Co
     return out
 
 
-class _Workspace(threading.local):
-    """A float32 buffer reused across keys: fresh full-size allocations cost page faults."""
-
-    def __init__(self):
-        self.buffer = torch.empty(0, dtype=torch.float32)
-
-    def take(self, shape) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        if self.buffer.numel() < numel:
-            self.buffer = torch.empty(numel, dtype=torch.float32)
-        return self.buffer[:numel].view(shape)
+def streams(c: Contribution) -> bool:
+    """Built tile by tile while patching (see ``tiles``): a whole-weight delta that needs no W0."""
+    return not c.bias and c.target.rows is None and not c.target.transposed and c.module.streams
 
 
-_WORKSPACE = _Workspace()
+class _Streamed(NamedTuple):
+    """A delta built tile by tile during the pass; ``keep`` (or None) receives it for the cache."""
+
+    contribution: Contribution
+    fill: RowFill
+    keep: torch.Tensor | None
 
 
-CHUNK = 1 << 18  # elements per pass (1 MiB of float32): the sum stays in cache between copy, adds and rounding
+class _Whole(NamedTuple):
+    """A delta built beforehand (or cached), added over rows [first, first + len)."""
+
+    delta: torch.Tensor  # 2-D: rows x cols of the weight
+    alpha: float
+    first: int
 
 
-def _flat_terms(base: torch.Tensor, live: Sequence[Contribution], cache: DeltaCache | None):
-    """(flat delta, alpha, first element) per contribution: what the chunked pass adds."""
-    row = base[0].numel() if base.dim() else 1
-    terms = []
+def _terms(base: torch.Tensor, rows: int, cols: int, live: Sequence[Contribution],
+           cache: DeltaCache | None) -> list[_Streamed | _Whole]:
+    """What the tiled pass adds, in the contributions' order (the float32 sum's order matters)."""
+    terms: list[_Streamed | _Whole] = []
     for c in live:
+        if streams(c):
+            kept = cache.peek(c.module, c.target, base) if cache is not None else None
+            if kept is not None:
+                terms.append(_Whole(kept.reshape(rows, cols), c.strength, 0))
+                continue
+            keep = None
+            if cache is not None and cache.room(rows * cols * 4):
+                keep = torch.empty((rows, cols), dtype=torch.float32)
+            terms.append(_Streamed(c, c.module.row_fill(), keep))
+            continue
         delta, alpha = contribution_delta(c, base, cache)
-        start = c.target.rows[0] * row if c.target.rows is not None else 0
-        terms.append((delta.reshape(-1), alpha, start))
+        first = c.target.rows[0] if c.target.rows is not None else 0
+        terms.append(_Whole(delta.reshape(-1, cols), alpha, first))
     return terms
 
 
@@ -234,34 +263,45 @@ def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key
     """round(base + Σ contributions) in base's dtype, written into ``out`` when given.
 
     Per element this is exactly ``AdapterModule.apply``'s arithmetic (float32 copy, each
-    delta added in order, one rounding), done in cache-sized chunks so the float32 sum
-    never makes a round trip through memory.
+    delta added in order, one rounding), done in row tiles so the float32 sum, and the
+    low-rank deltas built tile by tile, never make a round trip through memory.
     """
     live = [c for c in contributions if c.strength != 0]
     if not live:
         return base.clone() if out is None else out.copy_(base)
-    if base.dtype in FP8_FORMATS or not base.is_contiguous():  # fp8's rounding noise is drawn per tensor
-        work = base.to(torch.float32, copy=True)
+    if base.dtype in FP8_FORMATS or not base.is_contiguous() or base.dim() == 0:
+        work = base.to(torch.float32, copy=True)  # fp8's rounding noise is drawn per tensor
         accumulate(work, base, live, cache)
         check_range(work, base.dtype, key)
         result = to_dtype(work, base.dtype, key)
         return result if out is None else out.copy_(result)
-    terms = _flat_terms(base, live, cache)
+    rows = base.shape[0]
+    cols = base.numel() // max(rows, 1)
+    terms = _terms(base, rows, cols, live, cache)
     if out is None:
         out = torch.empty_like(base)
-    src, dst = base.reshape(-1), out.view(-1)
-    total = src.numel()
-    work = _WORKSPACE.take((min(CHUNK, total),))
-    for lo in range(0, total, CHUNK):
-        hi = min(lo + CHUNK, total)
-        part = work[: hi - lo]
-        part.copy_(src[lo:hi])
-        for delta, alpha, start in terms:
-            a, b = max(lo, start), min(hi, start + delta.numel())
-            if a < b:
-                part[a - lo : b - lo].add_(delta[a - start : b - start], alpha=alpha)
+    src, dst = base.view(rows, cols), out.view(rows, cols)
+    for start, stop in tiles(rows, cols):
+        part = WORKSPACE.take("sum", (stop - start, cols))
+        part.copy_(src[start:stop])
+        for term in terms:
+            if isinstance(term, _Streamed):
+                tile = WORKSPACE.take("delta", part.shape)
+                term.fill(start, stop, tile)
+                term.contribution.module._finite(tile)
+                if term.keep is not None:
+                    term.keep[start:stop].copy_(tile)
+                part.add_(tile, alpha=term.contribution.strength)
+            else:
+                lo, hi = max(start, term.first), min(stop, term.first + term.delta.shape[0])
+                if lo < hi:
+                    part[lo - start : hi - start].add_(term.delta[lo - term.first : hi - term.first], alpha=term.alpha)
         check_range(part, base.dtype, key)
-        dst[lo:hi].copy_(part)
+        dst[start:stop].copy_(part)
+    for term in terms:
+        if isinstance(term, _Streamed) and term.keep is not None:
+            c = term.contribution
+            cache.put(c.module, c.target, base, term.keep.view(c.target.shape))
     return out
 
 

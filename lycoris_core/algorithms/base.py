@@ -17,6 +17,7 @@ import torch
 from ..errors import AdapterFormatError
 from ..reader import TensorSource
 from ..rounding import check_range, to_dtype
+from ..tiles import RowFill, assemble
 
 
 def prod(values) -> int:
@@ -41,6 +42,8 @@ class AdapterModule:
     supports_dora: bool = False
     #: rebuilding the delta costs about one pass over it (kron, a stored diff): not worth caching
     cheap_delta: bool = False
+    #: the delta is built in row tiles by ``row_fill`` (set by modules that can, see ``tiles``)
+    tiled: bool = False
 
     def __init__(self, name: str, keys: Mapping[str, str], source: TensorSource,
                  default_alpha: float | None = None):
@@ -120,6 +123,19 @@ class AdapterModule:
         """float32 delta at strength 1 before DoRA, shaped like self.shape or weight."""
         raise NotImplementedError
 
+    def row_fill(self) -> RowFill:
+        """Writes rows of the raw delta (before DoRA) into a tile; only when ``tiled``."""
+        raise NotImplementedError
+
+    @property
+    def streams(self) -> bool:
+        """The patch engine may build this delta tile by tile while it patches (no W0, no DoRA)."""
+        return self.tiled and not self.uses_weight
+
+    def _tiled_delta(self) -> torch.Tensor:
+        rows = self.shape[0]
+        return assemble(rows, prod(self.shape) // rows, self.row_fill()).reshape(self.shape)
+
     def bias_delta(self) -> torch.Tensor | None:
         """float32 bias delta at strength 1, for algorithms that carry one."""
         return None
@@ -174,7 +190,7 @@ class AdapterModule:
         if w0 is not None:
             raw = raw.reshape(w0.shape)
         if self.dora:
-            return self._finite(self._dora(w0, raw) - w0)
+            return self._finite(self._dora_delta(w0, raw))
         return self._finite(raw)
 
     def strength_delta(self, weight: torch.Tensor | None, strength: float) -> torch.Tensor:
@@ -215,9 +231,12 @@ class AdapterModule:
         else:
             raise self._fail(f"dora_scale shape {shape} is neither (out, 1, ...) nor (1, in, ...)", "dora_scale")
 
-    def _dora(self, w0: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """Magnitude re-normalised by ‖W0 + ΔW‖ along the axis dora_scale was trained on."""
-        merged = w0 + raw
+    def _dora_delta(self, w0: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Magnitude re-normalised by ‖W0 + ΔW‖ along the axis dora_scale was trained on, minus W0.
+
+        Works in place in ``raw`` (a fresh tensor from ``_raw_delta``): no other full-size temporary.
+        """
+        merged = raw.add_(w0)
         scale = self._t("dora_scale")
         eps = torch.finfo(torch.float32).eps
         if self.dora_axis == "out":
@@ -230,7 +249,7 @@ class AdapterModule:
             raise self._fail(f"dora_scale {tuple(scale.shape)} does not match the weight's {prod(view)} "
                              f"{self.dora_axis}put channels", "dora_scale")
         scale = scale.reshape(view)
-        return merged * (scale / (norm.reshape(view) + eps))
+        return merged.mul_(scale / (norm.reshape(view) + eps)).sub_(w0)
 
     def describe(self) -> str:
         parts = [self.algo]

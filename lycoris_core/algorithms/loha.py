@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..tiles import WORKSPACE
 from .base import AdapterModule
 
 
@@ -43,18 +44,27 @@ class LoHa(AdapterModule):
                 )
             self.shape = (w1a[0], w1b[1])
         self._set_rank_scale(w1b[0], "hada_w1_b")
+        self.tiled = not self.tucker
         if w2b[0] <= 0:
             raise self._fail(f"rank must be positive, got {w2b[0]}", "hada_w2_b")
 
     def _raw_delta(self, weight):
         # scale folded into a small factor, Hadamard product in place: one full-size temporary
-        if self.tucker:
-            r1 = _tucker(self._t("hada_t1"), self._t("hada_w1_a") * self.scale, self._t("hada_w1_b"))
-            r2 = _tucker(self._t("hada_t2"), self._t("hada_w2_a"), self._t("hada_w2_b"))
-        else:
-            r1 = (self._t("hada_w1_a") * self.scale) @ self._t("hada_w1_b")
-            r2 = self._t("hada_w2_a") @ self._t("hada_w2_b")
+        if not self.tucker:
+            return self._tiled_delta()
+        r1 = _tucker(self._t("hada_t1"), self._t("hada_w1_a") * self.scale, self._t("hada_w1_b"))
+        r2 = _tucker(self._t("hada_t2"), self._t("hada_w2_a"), self._t("hada_w2_b"))
         return r1.mul_(r2)
+
+    def row_fill(self):
+        a1, b1 = self._t("hada_w1_a") * self.scale, self._t("hada_w1_b")
+        a2, b2 = self._t("hada_w2_a"), self._t("hada_w2_b")
+
+        def fill(start, stop, out):
+            torch.mm(a1[start:stop], b1, out=out)
+            out.mul_(torch.mm(a2[start:stop], b2, out=WORKSPACE.take("hadamard", out.shape)))
+
+        return fill
 
     def low_rank_factors(self):
         """Khatri–Rao factors: (A1 B1) ⊙ (A2 B2) = U V with U (out, r1·r2) the row-wise and
