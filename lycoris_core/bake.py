@@ -39,7 +39,8 @@ from .reader import DTYPES
 
 CHUNK_BYTES = 4 << 20  # raw copies go through buffers of this size
 RAW_BUFFERS = 4  # how far the reader may run ahead on raw copies
-TENSOR_BUFFERS = 2  # whole-tensor buffers for tensors that are patched or converted
+TENSOR_BUFFERS = 3  # whole-tensor buffers for patched or converted tensors: one read ahead, one patched, one written
+BAKE_THREADS = 2
 PREFETCH_BYTES = 32 << 20  # float32 deltas computed ahead by the delta thread (one always fits)
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _NAME_OF = {v[0]: k for k, v in DTYPES.items()}
@@ -193,7 +194,9 @@ def stream_copy(src_path: str, items: list[StreamItem], writer: StreamWriter, tr
     copied in chunks of ``CHUNK_BYTES``.  ``on_written(item, nbytes)`` is called from this
     (the calling) thread as each piece is handed to the writer.
     """
-    raw_pool, tensor_pool = _Pool(RAW_BUFFERS, CHUNK_BYTES), _Pool(TENSOR_BUFFERS)
+    # sized once for the largest tensor: regrowing a buffer costs fresh pages each time
+    largest = max((item.nbytes for item in items if item.as_tensor), default=0)
+    raw_pool, tensor_pool = _Pool(RAW_BUFFERS, CHUNK_BYTES), _Pool(TENSOR_BUFFERS, largest)
     ready: queue.Queue = queue.Queue()
     to_write: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -477,7 +480,7 @@ def bake_checkpoint(checkpoint: str, inputs: list[MergeInput], out_path: str | N
     # one torch thread per Python thread: the delta thread and this one compute side by side
     # (two OpenMP threads per op are many times slower on a busy 2-core machine)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(BAKE_THREADS)
     try:
         with atomic_path(out_path, overwrite) as tmp:
             writer = StreamWriter(tmp, out_entries, out_meta)

@@ -74,10 +74,10 @@ class DeltaCache:
 
     Patching walks every key in the same order each time, so plain LRU under a budget
     smaller than the working set would evict each delta just before it is needed again
-    (0% hits).  Instead entries used in the current pass (epoch) are never evicted:
-    when the budget is full of them, new deltas are simply not kept, and a budget that
-    covers a third of an adapter saves a third of the work.  Entries from older passes
-    go first, least recently used first.
+    (0% hits).  Instead entries of the modules in the current pass (epoch) are never
+    evicted: when the budget is full of them, new deltas are simply not kept, and a
+    budget that covers a third of an adapter saves a third of the work.  Entries of
+    modules no longer applied go first, least recently used first.
     """
 
     def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES):
@@ -88,10 +88,14 @@ class DeltaCache:
         self.epoch = 0
         self.hits = self.misses = 0
 
-    def new_epoch(self) -> None:
-        """Call at the start of each patch pass."""
+    def new_epoch(self, modules: Iterable[AdapterModule] = ()) -> None:
+        """Call at the start of each patch pass with the pass's modules: their entries stay."""
+        live = set(modules)
         with self._lock:
             self.epoch += 1
+            for key, (delta, _epoch) in self._items.items():
+                if key[0] in live:
+                    self._items[key] = (delta, self.epoch)
 
     def _key(self, module: AdapterModule, target: Target, base: torch.Tensor | None) -> tuple:
         return module, target.weight_key, target.rows, _fingerprint(base) if module.uses_weight else None
@@ -429,7 +433,7 @@ class WeightPatcher:
     def apply(self, specs: Sequence[AdapterSpec], allow_partial: bool = False, progress=None) -> PatchPlan:
         """Patch the weights for this stack (replacing any earlier stack)."""
         plan = build_plan(specs, self.shapes, allow_partial=allow_partial)
-        self.cache.new_epoch()
+        self.cache.new_epoch(c.module for cs in plan.contributions.values() for c in cs)
         missing = [k for k in plan.keys() if k not in self.weights]
         if missing:
             raise LycorisError(f"{len(missing)} patched keys are not among the weights given, e.g. {missing[0]}")

@@ -165,7 +165,8 @@ def apply_stack(model, clip, rows: Sequence[tuple[str, float, float, str]]):
     model_keys = _shapes(model)
     clip_keys = _shapes(clip.patcher) if clip is not None else {}
     plan = plan_for(specs, model_keys, clip_keys)
-    DELTAS.new_epoch()  # deltas of this stack are protected from eviction by older ones
+    # deltas of this stack are protected from eviction by older ones
+    DELTAS.new_epoch(c.module for cs in plan.contributions.values() for c in cs)
     names = [r[0] for r in rows]
 
     cls = patch_class()

@@ -162,6 +162,21 @@ def test_strength_change_reuses_cached_deltas(base_weights):
     assert torch.equal(weights[key], plan.patched(key, base_weights[key]))
 
 
+def test_a_budget_smaller_than_the_adapter_keeps_its_share_across_strength_changes(base_weights):
+    """A strength change must not evict kept deltas it is about to use (it walks the keys in the same order)."""
+    ad = make_adapter("lora")
+    full = WeightPatcher(fresh(base_weights), model_shapes=SD1, cache_bytes=1 << 30)
+    full.apply([AdapterSpec(ad)])
+    patcher = WeightPatcher(fresh(base_weights), model_shapes=SD1, cache_bytes=full.cache.used // 2)
+    patcher.apply([AdapterSpec(ad, 1.0)])
+    kept = len(patcher.cache._items)
+    assert 0 < kept < len(full.cache._items)
+    for strength in (0.5, -0.3):
+        hits = patcher.cache.hits
+        patcher.apply([AdapterSpec(ad, strength)])
+        assert patcher.cache.hits - hits == kept and len(patcher.cache._items) == kept
+
+
 def test_zero_budget_caches_nothing_and_gives_the_same_bits(base_weights):
     ad = make_adapter("lora")
     w_cached, w_plain = fresh(base_weights), fresh(base_weights)
