@@ -39,9 +39,9 @@ from .reader import DTYPES
 
 CHUNK_BYTES = 4 << 20  # raw copies go through buffers of this size
 RAW_BUFFERS = 4  # how far the reader may run ahead on raw copies
-TENSOR_BUFFERS = 3  # whole-tensor buffers for patched or converted tensors: one read ahead, one patched, one written
+TENSOR_BUFFERS = 2  # whole-tensor buffers for patched or converted tensors (each sized for the largest)
 BAKE_THREADS = 1  # torch threads while baking: the reader and writer threads need the other core
-PREFETCH_BYTES = 32 << 20  # float32 deltas computed ahead by the delta thread (one always fits)
+PREFETCH_BYTES = 16 << 20  # float32 deltas computed ahead by the delta thread (one always fits)
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _NAME_OF = {v[0]: k for k, v in DTYPES.items()}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
