@@ -35,6 +35,7 @@ import torch
 
 from .errors import LycorisError
 from .merge import MergeError, MergeInput, Progress, ProgressFn, _version
+from .patch import AdapterSpec, build_plan, module_delta, patched_value, streams
 from .reader import DTYPES
 
 CHUNK_BYTES = 4 << 20  # raw copies go through buffers of this size
@@ -314,8 +315,6 @@ class DeltaPrefetch:
 
     @staticmethod
     def ahead(c) -> bool:
-        from .patch import streams
-
         # streamed deltas are built tile by tile inside the patch pass: nothing to do ahead
         return (not c.bias and c.strength != 0 and c.module.linear_in_strength and not c.module.uses_weight
                 and not streams(c))
@@ -332,8 +331,6 @@ class DeltaPrefetch:
         return id(module), target.weight_key, target.rows
 
     def _run(self):
-        from .patch import module_delta
-
         for _key, c in self.order:
             k = self._key(c.module, c.target)
             with self.cond:
@@ -354,8 +351,6 @@ class DeltaPrefetch:
                 self.cond.notify_all()
 
     def get(self, module, target, base):
-        from .patch import module_delta
-
         k = self._key(module, target)
         if k in self.planned:
             with self.cond:
@@ -383,7 +378,6 @@ def bake_checkpoint(checkpoint: str, inputs: list[MergeInput], out_path: str | N
                     progress: ProgressFn | None = None, allow_partial: bool = False) -> BakeReport:
     """Write ``checkpoint`` with ``inputs`` baked in to ``out_path`` (see the module docstring)."""
     from .adapter import load_adapter
-    from .patch import AdapterSpec, build_plan, patched_value
     from .reader import read_safetensors_header
     from .rounding import to_dtype
     from .writer import WriteError, atomic_path, check_output, verify_written

@@ -29,6 +29,7 @@ from .merge import (
     factorize,
     file_identity,
     kohya_name,
+    record,
 )
 
 SKIP_NAMES = {
@@ -128,14 +129,8 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
                     continue
                 is_conv = len(shape) > 2 and math.prod(shape[2:]) > 1
                 param = conv_rank_param if (is_conv and conv_rank_param is not None) else rank_param
-                module_tensors, row, total_sq = factorize(delta, rank_mode, param, conv_tucker, svd,
-                                                          SAVE_DTYPES[save_dtype])
-            row["module"] = name
-            report.rows.append(row)
-            totals.add(total_sq, row["rel_error"], row["kept_energy"])
-            if not dry_run:
-                for suffix, t in module_tensors.items():
-                    tensors[f"{name}.{suffix}"] = t
+                factorized = factorize(delta, rank_mode, param, conv_tucker, svd, SAVE_DTYPES[save_dtype])
+            record(report, totals, tensors, name, factorized, dry_run)
             bar.update()
             if bar.done % 16 == 0:  # drop the memory maps: read pages would count as resident
                 src_a.close()

@@ -146,6 +146,18 @@ class ErrorTotals:
         report.total_kept_energy = self.kept_sq / self.total_sq if self.total_sq else 1.0
 
 
+def record(report, totals: ErrorTotals, tensors: dict, name: str, factorized, dry_run: bool) -> dict:
+    """One factorized module (``factorize``'s result) into the report, the error totals and,
+    unless this is a dry run, the output tensors; returns its report row."""
+    module_tensors, row, total_sq = factorized
+    row["module"] = name
+    report.rows.append(row)
+    totals.add(total_sq, row["rel_error"], row["kept_energy"])
+    if not dry_run:
+        tensors.update({f"{name}.{suffix}": t for suffix, t in module_tensors.items()})
+    return row
+
+
 # ---- names and block weights ---------------------------------------------------------------
 
 def kohya_name(arch: str, part: str, canonical: str) -> str:
@@ -465,15 +477,9 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
                 continue
             with _threads(math.prod(shape)):
                 factors = summed_factors(usable, shape) if svd == "auto" else None
-                module_tensors, row, total_sq = factorize(delta, rank_mode, rank_param, conv_tucker, svd,
-                                                          SAVE_DTYPES[save_dtype], factors)
-            row["module"] = out_name
-            row["sources"] = len(usable)
-            report.rows.append(row)
-            totals.add(total_sq, row["rel_error"], row["kept_energy"])
-            if not dry_run:
-                for suffix, t in module_tensors.items():
-                    tensors[f"{out_name}.{suffix}"] = t
+                factorized = factorize(delta, rank_mode, rank_param, conv_tucker, svd, SAVE_DTYPES[save_dtype],
+                                       factors)
+            record(report, totals, tensors, out_name, factorized, dry_run)["sources"] = len(usable)
             bar.update()
     finally:
         bar.close()
