@@ -16,6 +16,7 @@ It never imports ComfyUI: the nodes wrap ``accumulate`` in ComfyUI's adapter int
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -28,9 +29,9 @@ import torch
 from .adapter import Adapter
 from .algorithms import AdapterModule
 from .blocks import BlockWeights, parse_block_weights
-from .errors import ArchitectureMismatchError, BlockWeightError, LycorisError
+from .errors import ArchitectureMismatchError, BlockWeightError, LycorisError, WeightRangeError
 from .keymap import MatchReport, Target, map_adapter
-from .rounding import FP8_FORMATS, check_range, to_dtype
+from .rounding import FP8_FORMATS, NARROW, check_range, to_dtype
 from .tiles import WORKSPACE, RowFill, tiles
 
 
@@ -247,14 +248,16 @@ def _terms(base: torch.Tensor, rows: int, cols: int, live: Sequence[Contribution
     terms: list[_Streamed | _Whole] = []
     for c in live:
         if streams(c):
-            kept = cache.peek(c.module, c.target, base) if cache is not None else None
+            # a cheap delta (kron, stored diff) is rebuilt per tile for about what reading it back would cost
+            cacheable = cache is not None and not c.module.cheap_delta
+            kept = cache.peek(c.module, c.target, base) if cacheable else None
             if kept is not None:
                 terms.append(_Whole(kept.reshape(rows, cols), c.strength, 0))
                 continue
             keep = None
-            if cache is not None and cache.room(rows * cols * 4):
+            if cacheable and cache.room(rows * cols * 4):
                 keep = torch.empty((rows, cols), dtype=torch.float32)
-            terms.append(_Streamed(c, c.module.row_fill(), keep))
+            terms.append(_Streamed(c, c.module.delta_fill(base), keep))
             continue
         delta, alpha = contribution_delta(c, base, cache)
         first = c.target.rows[0] if c.target.rows is not None else 0
@@ -292,7 +295,6 @@ def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key
             if isinstance(term, _Streamed):
                 tile = WORKSPACE.take("delta", part.shape)
                 term.fill(start, stop, tile)
-                term.contribution.module._finite(tile)
                 if term.keep is not None:
                     term.keep[start:stop].copy_(tile)
                 part.add_(tile, alpha=term.contribution.strength)
@@ -300,13 +302,36 @@ def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key
                 lo, hi = max(start, term.first), min(stop, term.first + term.delta.shape[0])
                 if lo < hi:
                     part[lo - start : hi - start].add_(term.delta[lo - term.first : hi - term.first], alpha=term.alpha)
-        check_range(part, base.dtype, key)
+        _check_tile(part, base.dtype, key, terms, start, stop)
         dst[start:stop].copy_(part)
     for term in terms:
         if isinstance(term, _Streamed) and term.keep is not None:
             c = term.contribution
             cache.put(c.module, c.target, base, term.keep.view(c.target.shape))
     return out
+
+
+def _check_tile(part: torch.Tensor, dtype: torch.dtype, key: str, terms: Sequence[_Streamed | _Whole],
+                start: int, stop: int) -> None:
+    """One check per tile for the whole sum: a non-finite delta makes the sum non-finite.
+
+    Only when the sum fails are the tile's streamed deltas rebuilt and checked one by
+    one, so an overflowing adapter is named as the whole-delta path names it.
+    """
+    streamed = [t for t in terms if isinstance(t, _Streamed)]
+    try:
+        if dtype in NARROW:
+            check_range(part, dtype, key)
+        elif streamed and not math.isfinite(float(part.sum())):
+            raise WeightRangeError(f"{key}: patched values are not finite")
+    except WeightRangeError:
+        for term in streamed:
+            tile = WORKSPACE.take("delta", part.shape)
+            term.fill(start, stop, tile)
+            term.contribution.module._finite(tile)
+        if dtype in NARROW:
+            raise  # the weight itself, or the sum, is out of range
+        # the float32 sum overflowed from finite deltas: the whole-delta path writes it as is, and so do we
 
 
 @dataclass

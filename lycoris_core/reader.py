@@ -53,6 +53,13 @@ class TensorSource(Mapping[str, torch.Tensor]):
     def dtype(self, key: str) -> torch.dtype:
         raise NotImplementedError
 
+    def stored(self, key: str) -> torch.Tensor:
+        """The tensor as stored, for reading repeatedly (a file's tensor without a copy where it can).
+
+        Refuses NaN/Inf like ``[]``; read-only: never write into it.
+        """
+        return self[key]
+
     def close(self) -> None:
         """Release file handles; reading again reopens them."""
 
@@ -70,6 +77,14 @@ class DictSource(TensorSource):
             if not isinstance(value, torch.Tensor):
                 raise AdapterFormatError(name, f"value is {type(value).__name__}, not a tensor", key)
         self._tensors = dict(tensors)
+        self._finite: set[str] = set()
+
+    def stored(self, key: str) -> torch.Tensor:
+        """The caller's tensor itself, checked for NaN/Inf on first use."""
+        if key not in self._finite:
+            _checked(self.name, key, self._tensors[key])
+            self._finite.add(key)
+        return self._tensors[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensors[key].shape)
@@ -97,6 +112,7 @@ class SafetensorsSource(TensorSource):
         self._entries = header
         self._handle = None
         self._mmap = None
+        self._finite: set[str] = set()  # keys whose stored values were checked for NaN/Inf
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
@@ -143,6 +159,16 @@ class SafetensorsSource(TensorSource):
             warnings.simplefilter("ignore", UserWarning)  # read-only is what we want
             flat = torch.from_numpy(raw)
         return flat.view(self.dtype(key)).reshape(self.shape(key))
+
+    def stored(self, key: str) -> torch.Tensor:
+        """A view of the file's bytes (checked for NaN/Inf on first use): repeated reads cost no copy."""
+        if key not in self._entries:
+            raise KeyError(key)
+        tensor = self.mmap_tensor(key)
+        if key not in self._finite:
+            _checked(self.name, key, tensor)
+            self._finite.add(key)
+        return tensor
 
     def close(self) -> None:
         self._handle = None

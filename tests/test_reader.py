@@ -184,3 +184,27 @@ def test_strength_zero_is_exact_and_dtype_is_kept():
     assert out.dtype == torch.bfloat16
     expected = (w.float() + 0.7 * ad.modules["m"].delta()).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+def test_stored_is_a_checked_view_of_the_file_even_at_an_odd_offset(tmp_path):
+    """``stored`` (how a full diff is read once per patch pass) refuses NaN/Inf like ``[]``."""
+    from lycoris_core.reader import SafetensorsSource
+
+    good = tmp_path / "good.safetensors"
+    tensors = {"a": torch.randn(3, 5).half(), "b": torch.randn(7)}
+    save_file(tensors, str(good))
+    source = SafetensorsSource(good)
+    for key, value in tensors.items():
+        assert torch.equal(source.stored(key), value) and torch.equal(source.stored(key), source[key])
+    # a 1-byte tensor first puts the float32 data at an odd address: still read right
+    odd = raw_safetensors(tmp_path / "odd.safetensors", {
+        "pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }, b"\x07" + struct.pack("<2f", 1.5, -2.0))
+    assert SafetensorsSource(odd).stored("w").tolist() == [1.5, -2.0]
+    bad = raw_safetensors(tmp_path / "bad.safetensors", {
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }, struct.pack("<2f", 1.0, float("inf")))
+    with pytest.raises(AdapterFormatError, match="NaN or Inf") as err:
+        SafetensorsSource(bad).stored("w")
+    assert err.value.key == "w"

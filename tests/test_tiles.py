@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from lycoris_core import load_adapter
+from lycoris_core.errors import AdapterFormatError
 from lycoris_core.keymap import state_shapes
-from lycoris_core.patch import AdapterSpec, DeltaCache, build_plan, patched_value, streams
+from lycoris_core.patch import AdapterSpec, DeltaCache, WeightPatcher, build_plan, patched_value, streams
 from lycoris_core.synthetic import synthetic_adapter
 from lycoris_core.tiles import TILE_ELEMENTS, assemble, tile_rows
 
@@ -36,9 +37,10 @@ def weights():
     return out
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha"])
+@pytest.mark.parametrize("algo", ["lora", "loha", "locon_tucker", "loha_tucker", "lokr", "full", "dora"])
 def test_streamed_patch_equals_apply_and_fills_the_cache_with_the_exact_delta(weights, algo):
     ad = adapter(algo)
+    cheap = next(iter(ad.modules.values())).cheap_delta  # rebuilt per tile, never kept
     plan = build_plan([AdapterSpec(ad, 0.8, -0.6)], SD1)
     cache = DeltaCache(1 << 30)
     for name, target in plan.reports[0].targets.items():
@@ -49,8 +51,12 @@ def test_streamed_patch_equals_apply_and_fills_the_cache_with_the_exact_delta(we
         expected = module.apply(base, contributions[0].strength)
         assert torch.equal(patched_value(base, contributions, target.weight_key), expected), name
         assert torch.equal(patched_value(base, contributions, target.weight_key, cache), expected), name
-        kept = cache.peek(module, target, None)
-        assert kept is not None and torch.equal(kept, module.delta().reshape(kept.shape)), name
+        w0 = base if module.uses_weight else None  # DoRA: rows renormalised against W0's rows
+        kept = cache.peek(module, target, w0)
+        if cheap:
+            assert kept is None and cache.used == 0, name
+            continue
+        assert kept is not None and torch.equal(kept, module.delta(w0).reshape(kept.shape)), name
         # second pass: the same bits, from the cache
         hits = cache.hits
         assert torch.equal(patched_value(base, contributions, target.weight_key, cache), expected), name
@@ -58,17 +64,48 @@ def test_streamed_patch_equals_apply_and_fills_the_cache_with_the_exact_delta(we
 
 
 def test_streamed_and_whole_deltas_are_summed_in_stack_order(weights):
-    lora, lokr, loha = adapter("lora", 1), adapter("lokr", 2), adapter("loha", 3)
-    plan = build_plan([AdapterSpec(lora, 0.7), AdapterSpec(lokr, -0.4), AdapterSpec(loha, 1.3)], SD1)
+    # GLoRA needs W0 as a whole, so its delta is built whole, between two streamed ones
+    lora, glora, lokr = adapter("lora", 1), adapter("glora", 2), adapter("lokr", 3)
+    plan = build_plan([AdapterSpec(lora, 0.7), AdapterSpec(glora, -0.4), AdapterSpec(lokr, 1.3)], SD1)
     for key, contributions in plan.contributions.items():
         if key.endswith("bias"):
             continue
         base = weights[key]
         exact = base.float()
         for c in contributions:
-            exact.add_(c.module.delta().reshape(base.shape), alpha=c.strength)
+            exact.add_(c.module.delta(base if c.module.uses_weight else None).reshape(base.shape), alpha=c.strength)
         assert torch.equal(patched_value(base, contributions, key), exact.half()), key
         assert [streams(c) for c in contributions] == [True, False, True]
+
+
+def test_tiled_kron_is_torch_kron_bit_for_bit():
+    """Each element of a Kronecker product is one product, so the tiled rows are exact."""
+    for name, module in adapter("lokr", 4).modules.items():
+        w1, w2 = module._factor("w1") * module.scale, module._factor("w2")
+        if w2.dim() > 2:
+            w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        assert torch.equal(module.delta(), torch.kron(w1, w2).reshape(module.shape)), name
+
+
+@pytest.mark.parametrize("algo", ["locon_tucker", "loha_tucker"])
+def test_tiled_tucker_matches_the_one_shot_contraction(algo):
+    checked = []
+    for name, module in adapter(algo, 5).modules.items():
+        t = module._t
+        if not module.tucker:  # linear layers have no Tucker form
+            continue
+        if algo == "locon_tucker":
+            whole = torch.einsum("ab...,oa,bi->oi...", t("lora_mid"), t("lora_up").flatten(1) * module.scale,
+                                 t("lora_down").flatten(1))
+        else:
+            def half(n):
+                return torch.einsum("ij...,ip,jr->pr...", t(f"hada_t{n}"), t(f"hada_w{n}_a"), t(f"hada_w{n}_b"))
+            whole = half(1) * half(2) * module.scale
+        delta = module.delta()
+        assert delta.shape == whole.shape, name
+        checked.append(name)
+        assert torch.allclose(delta, whole, rtol=1e-5, atol=1e-6 * whole.abs().max()), name
+    assert checked
 
 
 def test_assemble_is_the_concatenation_of_its_tiles():
@@ -81,3 +118,24 @@ def test_assemble_is_the_concatenation_of_its_tiles():
     step = tile_rows(70_001)
     for a in range(0, 37, step):
         assert torch.equal(whole[a : a + step], up[a : a + step] @ down)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_a_streamed_delta_that_overflows_float32_is_named_and_nothing_is_patched(weights, dtype, algo):
+    """The pass checks each tile's sum once; a non-finite sum is traced back to the adapter's delta."""
+    tensors = synthetic_adapter("sd1", algo, select=big_layers, rank=8, seed=6, dtype=torch.float32)
+    for key, tensor in tensors.items():
+        if not key.endswith(".alpha"):
+            tensor.fill_(3e30)  # finite factors, a product beyond float32
+    ad = load_adapter(tensors)
+    plan = build_plan([AdapterSpec(ad)], SD1)
+    model = {k: v.to(dtype) for k, v in weights.items()}
+    before = {k: v.clone() for k, v in model.items()}
+    key = next(k for k in plan.keys() if k.endswith("weight"))
+    assert streams(plan.contributions[key][0])
+    with pytest.raises(AdapterFormatError, match="not finite"):
+        patched_value(model[key], plan.contributions[key], key)
+    with pytest.raises(AdapterFormatError, match="not finite"):
+        WeightPatcher(model).apply([AdapterSpec(ad)])
+    assert all(torch.equal(model[k], before[k]) for k in model)

@@ -17,7 +17,7 @@ import torch
 from ..errors import AdapterFormatError
 from ..reader import TensorSource
 from ..rounding import check_range, to_dtype
-from ..tiles import RowFill, assemble
+from ..tiles import WORKSPACE, RowFill, assemble
 
 
 def prod(values) -> int:
@@ -128,9 +128,36 @@ class AdapterModule:
         raise NotImplementedError
 
     @property
+    def _dora_rows(self) -> bool:
+        """DoRA normalised per output row: each row of the delta needs only its own row of W0."""
+        return self.dora and self.dora_axis == "out"
+
+    @property
     def streams(self) -> bool:
-        """The patch engine may build this delta tile by tile while it patches (no W0, no DoRA)."""
-        return self.tiled and not self.uses_weight
+        """The patch engine may build this delta tile by tile while it patches (``delta_fill``)."""
+        return self.tiled and (not self.uses_weight or self._dora_rows)
+
+    def delta_fill(self, weight: torch.Tensor | None) -> RowFill:
+        """Writes rows of ``delta(weight)`` into a tile; only when ``streams``.
+
+        ``weight`` is the original weight (any dtype, rows first), needed by DoRA only.
+        """
+        raw = self.row_fill()
+        if not self.dora:
+            return raw
+        w0 = weight.reshape(weight.shape[0], -1)
+        scale = self._dora_scale(w0.shape[0]).reshape(-1, 1)
+        eps = torch.finfo(torch.float32).eps
+
+        def fill(start, stop, out):
+            raw(start, stop, out)
+            base = WORKSPACE.take("w0", out.shape)
+            base.copy_(w0[start:stop])
+            merged = out.add_(base)
+            norm = merged.norm(dim=1, keepdim=True)
+            merged.mul_(scale[start:stop] / (norm + eps)).sub_(base)
+
+        return fill
 
     def _tiled_delta(self) -> torch.Tensor:
         rows = self.shape[0]
@@ -185,6 +212,10 @@ class AdapterModule:
     def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """float32 ΔW at strength 1, shaped like the target weight (or self.shape)."""
         self._check_weight(weight)
+        if self.streams and weight is not None and self.dora:  # DoRA by rows: the patch engine's tiles
+            rows = weight.shape[0]
+            delta = assemble(rows, weight.numel() // rows, self.delta_fill(weight))
+            return self._finite(delta.reshape(weight.shape))
         w0 = None if weight is None else weight.to(torch.float32)
         raw = self._raw_delta(w0)
         if w0 is not None:
@@ -237,7 +268,6 @@ class AdapterModule:
         Works in place in ``raw`` (a fresh tensor from ``_raw_delta``): no other full-size temporary.
         """
         merged = raw.add_(w0)
-        scale = self._t("dora_scale")
         eps = torch.finfo(torch.float32).eps
         if self.dora_axis == "out":
             norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
@@ -245,11 +275,15 @@ class AdapterModule:
         else:
             norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
             view = (1, merged.shape[1]) + (1,) * (merged.dim() - 2)
-        if scale.numel() != prod(view):  # the header check cannot know the weight's layout
-            raise self._fail(f"dora_scale {tuple(scale.shape)} does not match the weight's {prod(view)} "
-                             f"{self.dora_axis}put channels", "dora_scale")
-        scale = scale.reshape(view)
+        scale = self._dora_scale(prod(view)).reshape(view)
         return merged.mul_(scale / (norm.reshape(view) + eps)).sub_(w0)
+
+    def _dora_scale(self, channels: int) -> torch.Tensor:
+        scale = self._t("dora_scale")
+        if scale.numel() != channels:  # the header check cannot know the weight's layout
+            raise self._fail(f"dora_scale {tuple(scale.shape)} does not match the weight's {channels} "
+                             f"{self.dora_axis}put channels", "dora_scale")
+        return scale
 
     def describe(self) -> str:
         parts = [self.algo]

@@ -8,6 +8,7 @@ from .base import AdapterModule
 class Full(AdapterModule):
     algo = "full"
     cheap_delta = True
+    tiled = True
     required = ("diff",)
     optional = ("diff_b",)
 
@@ -20,6 +21,16 @@ class Full(AdapterModule):
 
     def _raw_delta(self, weight):
         return self._t("diff")
+
+    def row_fill(self):
+        # rows cast from the stored dtype as they are needed: exact, and no full-size float32 copy
+        diff = self.source.stored(self.keys["diff"])
+        diff = diff.reshape(diff.shape[0], -1)
+
+        def fill(start, stop, out):
+            out.copy_(diff[start:stop])
+
+        return fill
 
     @property
     def has_bias(self) -> bool:

@@ -8,11 +8,6 @@ from ..tiles import WORKSPACE
 from .base import AdapterModule
 
 
-def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # t (r, r, k...), a (r, out), b (r, in) -> (out, in, k...)
-    return torch.einsum("ij...,ip,jr->pr...", t, a, b)
-
-
 class LoHa(AdapterModule):
     algo = "loha"
     required = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -44,21 +39,28 @@ class LoHa(AdapterModule):
                 )
             self.shape = (w1a[0], w1b[1])
         self._set_rank_scale(w1b[0], "hada_w1_b")
-        self.tiled = not self.tucker
+        self.tiled = True
         if w2b[0] <= 0:
             raise self._fail(f"rank must be positive, got {w2b[0]}", "hada_w2_b")
 
     def _raw_delta(self, weight):
-        # scale folded into a small factor, Hadamard product in place: one full-size temporary
+        return self._tiled_delta()
+
+    def _half(self, n: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with A (out, r) and B (r, in·k...) so that rows of half n are rows of A @ B.
+
+        Tucker: t ×₁ a ×₂ b = aᵀ @ (t ×₂ b), the core joined with b once.
+        """
+        a, b = self._t(f"hada_w{n}_a") * scale, self._t(f"hada_w{n}_b")
         if not self.tucker:
-            return self._tiled_delta()
-        r1 = _tucker(self._t("hada_t1"), self._t("hada_w1_a") * self.scale, self._t("hada_w1_b"))
-        r2 = _tucker(self._t("hada_t2"), self._t("hada_w2_a"), self._t("hada_w2_b"))
-        return r1.mul_(r2)
+            return a, b
+        core = torch.einsum("ij...,jr->ir...", self._t(f"hada_t{n}"), b).flatten(1)
+        return a.t().contiguous(), core
 
     def row_fill(self):
-        a1, b1 = self._t("hada_w1_a") * self.scale, self._t("hada_w1_b")
-        a2, b2 = self._t("hada_w2_a"), self._t("hada_w2_b")
+        # scale folded into a small factor; the Hadamard product in place in the tile
+        a1, b1 = self._half(1, self.scale)
+        a2, b2 = self._half(2)
 
         def fill(start, stop, out):
             torch.mm(a1[start:stop], b1, out=out)

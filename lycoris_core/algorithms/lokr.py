@@ -14,6 +14,7 @@ from .base import AdapterModule
 class LoKr(AdapterModule):
     algo = "lokr"
     cheap_delta = True
+    tiled = True
     required = ()
     optional = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -78,11 +79,27 @@ class LoKr(AdapterModule):
         return a @ b
 
     def _raw_delta(self, weight):
-        w1, w2 = self._factor("w1") * self.scale, self._factor("w2").contiguous()  # scale on the small block
-        if w2.dim() > 2:
-            w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        return torch.kron(w1.contiguous(), w2).reshape(self.shape)
+        return self._tiled_delta()
 
+    def row_fill(self):
+        """Rows of kron(w1, w2): row i1·b + i2 is w1[i1] ⊗ w2[i2], one product per element
+        (the same bits as ``torch.kron``), written block by block of w2's b rows."""
+        w1 = self._factor("w1") * self.scale  # scale on the small block
+        w2 = self._factor("w2")
+        b, c = w2.shape[0], w1.shape[1]
+        w1 = w1.reshape(w1.shape[0], c, 1)
+        w2 = w2.reshape(b, 1, -1)  # (b, 1, d·k...)
+
+        def fill(start, stop, out):
+            view = out.view(stop - start, c, -1)
+            row = start
+            while row < stop:
+                i1, i2 = divmod(row, b)
+                end = min(stop, row + b - i2)
+                torch.mul(w1[i1], w2[i2 : i2 + end - row], out=view[row - start : end - start])
+                row = end
+
+        return fill
 
     def low_rank_factors(self):
         """kron(w1, w2) as U V through kron(AB, CD) = kron(A, C) kron(B, D).

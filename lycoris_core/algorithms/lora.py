@@ -34,22 +34,21 @@ class LoRA(AdapterModule):
                 raise self._fail(f"up {up} and down {down} disagree on the rank", "lora_up")
             kernel = down[2:]
         self._set_rank_scale(rank, "lora_down")
-        self.tiled = not self.tucker
+        self.tiled = True
         self.shape = (up[0], down[1], *kernel)
         if len(kernel) and prod(kernel) > 1:
             self.algo = "locon"
 
     def _raw_delta(self, weight):
-        if self.tucker:
-            # one contraction: out x rank_up, rank_up x rank_down x k..., rank_down x in
-            up = self._t("lora_up").flatten(1) * self.scale
-            return torch.einsum("ab...,oa,bi->oi...", self._t("lora_mid"), up, self._t("lora_down").flatten(1))
         return self._tiled_delta()
 
     def row_fill(self):
         # the scale goes into the smallest factor: no extra pass over the full-size delta
         up = self._t("lora_up").flatten(1) * self.scale
         down = self._t("lora_down").flatten(1)
+        if self.tucker:
+            # mid (rank_up, rank_down, k...) joined with down once: (rank_up, in·k...), then rows of up @ it
+            down = torch.einsum("ab...,bi->ai...", self._t("lora_mid"), down).flatten(1)
 
         def fill(start, stop, out):
             torch.mm(up[start:stop], down, out=out)
