@@ -98,9 +98,9 @@ def test_tiled_tucker_matches_the_one_shot_contraction(algo):
             whole = torch.einsum("ab...,oa,bi->oi...", t("lora_mid"), t("lora_up").flatten(1) * module.scale,
                                  t("lora_down").flatten(1))
         else:
-            def half(n):
-                return torch.einsum("ij...,ip,jr->pr...", t(f"hada_t{n}"), t(f"hada_w{n}_a"), t(f"hada_w{n}_b"))
-            whole = half(1) * half(2) * module.scale
+            h1, h2 = (torch.einsum("ij...,ip,jr->pr...", t(f"hada_t{n}"), t(f"hada_w{n}_a"), t(f"hada_w{n}_b"))
+                      for n in (1, 2))
+            whole = h1 * h2 * module.scale
         delta = module.delta()
         assert delta.shape == whole.shape, name
         checked.append(name)
