@@ -90,6 +90,7 @@ def bench_bake(work, ckpt, adapter, rounds):
                 dst = work / f"{what}.safetensors"
                 if dst.exists():
                     dst.unlink()
+                os.sync()  # nothing of an earlier run is still being written back while this one is timed
                 if state == "cold":
                     drop_cache(str(ckpt))
                 if what == "floor":

@@ -19,9 +19,9 @@ import gc
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,12 +52,30 @@ CASES = {
 SDXL_DEFAULT = ["LoRA dim32/conv16", "LoKr factor -1"]
 
 
-class PeakRSS:
-    """Polls anonymous RSS (/proc/self/status RssAnon) in a thread; reports the peak above a start value."""
+# Polls another process's anonymous RSS every 10 ms until a line arrives on stdin, then prints the peak.
+POLLER = r"""
+import select, sys
+status = f"/proc/{sys.argv[1]}/status"
+def rss():
+    with open(status) as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+peak = rss()
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0.01)[0]:
+    peak = max(peak, rss())
+print(max(peak, rss()), flush=True)
+"""
 
-    def __init__(self):
-        self.peak = self.start = self._read()
-        self._stop = threading.Event()
+
+class PeakRSS:
+    """Peak anonymous RSS (/proc/<pid>/status RssAnon) above its value at the start.
+
+    Polled from a child process: a polling thread in this process would compete for the GIL
+    with the code being measured (it made the many small torch calls of a LoKr pass 3x slower).
+    """
 
     @staticmethod
     def _read() -> int:
@@ -68,20 +86,15 @@ class PeakRSS:
         return 0
 
     def __enter__(self):
-        self.start = self.peak = self._read()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start = self._read()
+        self._child = subprocess.Popen([sys.executable, "-c", POLLER, str(os.getpid())], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+        self._child.stdout.readline()  # "ready": polling has begun
         return self
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._read())
-            time.sleep(0.002)
-
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._read())
+        out, _ = self._child.communicate("stop\n", timeout=60)
+        self.peak = max(int(out.split()[-1]), self._read())
 
     @property
     def above_start(self) -> int:
@@ -166,6 +179,7 @@ def run_case(arch, weights, source, name, cache_bytes, reference=True):
     spec = [AdapterSpec(adapter, 1.0, 1.0)]
     touched = build_plan(spec, shapes).keys()
 
+    os.sync()  # no writeback of earlier files (the weights file, other runs) during the timings
     t_ref = None
     if reference:  # no cache: its strength change is this same full re-patch
         plan = build_plan(spec, shapes)
@@ -240,6 +254,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.safetensors"
             save_file(weights, str(path))
+            os.sync()  # written out before anything is timed: a flush in the background skews every number
             source = SafetensorsSource(path)
             total = sum(t.numel() * t.element_size() for t in weights.values())
             print(f"{arch}: {len(weights)} tensors, {total / 2**30:.2f} GiB fp16 (setup {time.perf_counter() - t0:.0f}s)",
