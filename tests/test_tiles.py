@@ -139,3 +139,20 @@ def test_a_streamed_delta_that_overflows_float32_is_named_and_nothing_is_patched
     with pytest.raises(AdapterFormatError, match="not finite"):
         WeightPatcher(model).apply([AdapterSpec(ad)])
     assert all(torch.equal(model[k], before[k]) for k in model)
+
+
+@pytest.mark.parametrize("a, c, b, d", [(3, 2, 5, 4), (1, 3, 7, 2), (4, 1, 1, 6), (5, 3, 8, 1)])
+def test_kron_rows_for_every_row_range(a, c, b, d):
+    """Any tile, inside one block of w2's rows, across one boundary, or holding whole blocks."""
+    from lycoris_core.algorithms.lokr import LoKr
+    from lycoris_core.reader import DictSource
+
+    gen = torch.Generator().manual_seed(a * 100 + b)
+    w1, w2 = torch.randn(a, c, generator=gen), torch.randn(b, d, generator=gen)
+    fill = LoKr("m", {"lokr_w1": "w1", "lokr_w2": "w2"}, DictSource({"w1": w1, "w2": w2})).row_fill()
+    whole = torch.kron(w1, w2)
+    for start in range(a * b):
+        for stop in range(start + 1, a * b + 1):
+            out = torch.full((stop - start, c * d), float("nan"))
+            fill(start, stop, out)
+            assert torch.equal(out, whole[start:stop]), (start, stop)

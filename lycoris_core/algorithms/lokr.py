@@ -83,21 +83,33 @@ class LoKr(AdapterModule):
 
     def row_fill(self):
         """Rows of kron(w1, w2): row i1·b + i2 is w1[i1] ⊗ w2[i2], one product per element
-        (the same bits as ``torch.kron``), written block by block of w2's b rows."""
+        (the same bits as ``torch.kron``): the tile's whole blocks of b rows in one broadcast
+        product, a partial block at either end on its own."""
         w1 = self._factor("w1") * self.scale  # scale on the small block
         w2 = self._factor("w2")
         b, c = w2.shape[0], w1.shape[1]
         w1 = w1.reshape(w1.shape[0], c, 1)
         w2 = w2.reshape(b, 1, -1)  # (b, 1, d·k...)
 
+        def part(row, end, view):  # rows [row, end) within one block of b rows
+            i1, i2 = divmod(row, b)
+            torch.mul(w1[i1], w2[i2 : i2 + end - row], out=view)
+
         def fill(start, stop, out):
             view = out.view(stop - start, c, -1)
-            row = start
-            while row < stop:
-                i1, i2 = divmod(row, b)
-                end = min(stop, row + b - i2)
-                torch.mul(w1[i1], w2[i2 : i2 + end - row], out=view[row - start : end - start])
-                row = end
+            first, last = -(-start // b), stop // b  # whole blocks [first, last): one product for all of them
+            if first >= last:  # inside one block, or across one boundary
+                middle = min(stop, (start // b + 1) * b)
+                part(start, middle, view[: middle - start])
+                if middle < stop:
+                    part(middle, stop, view[middle - start :])
+                return
+            if start < first * b:
+                part(start, first * b, view[: first * b - start])
+            whole = view[first * b - start : last * b - start].view(last - first, b, c, -1)
+            torch.mul(w1[first:last].unsqueeze(1), w2.unsqueeze(0), out=whole)
+            if last * b < stop:
+                part(last * b, stop, view[last * b - start :])
 
         return fill
 
