@@ -10,6 +10,7 @@ caller opts in, and even then only ``torch.load(weights_only=True)`` reads them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -178,8 +179,12 @@ class SafetensorsSource(TensorSource):
 def _checked(source: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """Refuse NaN/Inf: a delta built from them would silently poison the model."""
     if tensor.is_floating_point() and tensor.numel():
-        probe = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-        if not bool(torch.isfinite(probe).all()):
+        # one pass and no temporary: aminmax propagates NaN, and an Inf is the min or the max
+        try:
+            lo, hi = torch.aminmax(tensor.reshape(-1))
+        except (RuntimeError, NotImplementedError):  # dtypes without aminmax (fp8): through float32
+            lo, hi = torch.aminmax(tensor.reshape(-1).float())
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             raise AdapterFormatError(source, "tensor contains NaN or Inf values", key)
     return tensor
 

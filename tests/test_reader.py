@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -208,3 +209,26 @@ def test_stored_is_a_checked_view_of_the_file_even_at_an_odd_offset(tmp_path):
     with pytest.raises(AdapterFormatError, match="NaN or Inf") as err:
         SafetensorsSource(bad).stored("w")
     assert err.value.key == "w"
+
+
+NON_FINITE = [(dtype, bad) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                         torch.float8_e4m3fn, torch.float8_e5m2)
+              for bad in (float("nan"), float("inf"), -float("inf"))
+              if not (dtype == torch.float8_e4m3fn and math.isinf(bad))]  # e4m3fn has no Inf
+
+
+@pytest.mark.parametrize("dtype, bad", NON_FINITE, ids=[f"{d}-{b}".replace("torch.", "") for d, b in NON_FINITE])
+def test_non_finite_values_are_refused_in_every_float_dtype(tmp_path, dtype, bad):
+    from lycoris_core.reader import DictSource, SafetensorsSource
+
+    clean = torch.linspace(-3, 3, 1001).to(dtype)
+    poisoned = clean.clone()
+    poisoned[-1:] = torch.tensor([bad]).to(dtype)
+    path = tmp_path / "t.safetensors"
+    save_file({"clean": clean, "w": poisoned}, str(path))
+    for source in (DictSource({"clean": clean, "w": poisoned}), SafetensorsSource(path)):
+        assert torch.equal(source["clean"].float(), clean.float())
+        for read in (source.__getitem__, source.stored):
+            with pytest.raises(AdapterFormatError, match="NaN or Inf") as err:
+                read("w")
+            assert err.value.key == "w"
