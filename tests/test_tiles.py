@@ -156,3 +156,23 @@ def test_kron_rows_for_every_row_range(a, c, b, d):
             out = torch.full((stop - start, c * d), float("nan"))
             fill(start, stop, out)
             assert torch.equal(out, whole[start:stop]), (start, stop)
+
+
+ZERO_SIZE = {
+    "lora": {"m.lora_up.weight": torch.randn(0, 2), "m.lora_down.weight": torch.randn(2, 4)},
+    "dora": {"m.lora_up.weight": torch.randn(0, 2), "m.lora_down.weight": torch.randn(2, 4),
+             "m.dora_scale": torch.ones(0, 1)},
+    "lokr w2 rows": {"m.lokr_w1": torch.randn(2, 2), "m.lokr_w2": torch.randn(0, 4)},
+    "lokr w1 cols": {"m.lokr_w1": torch.randn(2, 0), "m.lokr_w2": torch.randn(3, 4)},
+    "lokr w2 cols": {"m.lokr_w1": torch.randn(2, 2), "m.lokr_w2": torch.randn(3, 0)},
+    "full": {"m.diff": torch.randn(0, 4)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZERO_SIZE))
+def test_zero_size_factors_give_an_empty_delta_not_a_crash(case):
+    """A stranger's file may declare a zero-size dimension: the tiles must not divide by it."""
+    module = load_adapter(ZERO_SIZE[case]).modules["m"]
+    weight = torch.zeros(module.shape, dtype=torch.float16)
+    assert module.delta(weight if module.uses_weight else None).shape == module.shape
+    assert torch.equal(module.apply(weight, 0.7), weight)

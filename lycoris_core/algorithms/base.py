@@ -145,7 +145,8 @@ class AdapterModule:
         raw = self.row_fill()
         if not self.dora:
             return raw
-        w0 = weight.reshape(weight.shape[0], -1)
+        rows = weight.shape[0]
+        w0 = weight.reshape(rows, weight.numel() // max(rows, 1))
         scale = self._dora_scale(w0.shape[0]).reshape(-1, 1)
         eps = torch.finfo(torch.float32).eps
 
@@ -161,7 +162,7 @@ class AdapterModule:
 
     def _tiled_delta(self) -> torch.Tensor:
         rows = self.shape[0]
-        return assemble(rows, prod(self.shape) // rows, self.row_fill()).reshape(self.shape)
+        return assemble(rows, prod(self.shape) // max(rows, 1), self.row_fill()).reshape(self.shape)
 
     def bias_delta(self) -> torch.Tensor | None:
         """float32 bias delta at strength 1, for algorithms that carry one."""
@@ -214,7 +215,7 @@ class AdapterModule:
         self._check_weight(weight)
         if self.streams and weight is not None and self.dora:  # DoRA by rows: the patch engine's tiles
             rows = weight.shape[0]
-            delta = assemble(rows, weight.numel() // rows, self.delta_fill(weight))
+            delta = assemble(rows, weight.numel() // max(rows, 1), self.delta_fill(weight))
             return self._finite(delta.reshape(weight.shape))
         w0 = None if weight is None else weight.to(torch.float32)
         raw = self._raw_delta(w0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterModule
+from .base import AdapterModule, prod
 
 
 class LoKr(AdapterModule):
@@ -87,16 +87,16 @@ class LoKr(AdapterModule):
         product, a partial block at either end on its own."""
         w1 = self._factor("w1") * self.scale  # scale on the small block
         w2 = self._factor("w2")
-        b, c = w2.shape[0], w1.shape[1]
+        b, c, dk = w2.shape[0], w1.shape[1], prod(w2.shape[1:])
         w1 = w1.reshape(w1.shape[0], c, 1)
-        w2 = w2.reshape(b, 1, -1)  # (b, 1, d·k...)
+        w2 = w2.reshape(b, 1, dk)  # sizes spelled out: a hostile file may have a zero-size factor
 
         def part(row, end, view):  # rows [row, end) within one block of b rows
             i1, i2 = divmod(row, b)
             torch.mul(w1[i1], w2[i2 : i2 + end - row], out=view)
 
         def fill(start, stop, out):
-            view = out.view(stop - start, c, -1)
+            view = out.view(stop - start, c, dk)
             first, last = -(-start // b), stop // b  # whole blocks [first, last): one product for all of them
             if first >= last:  # inside one block, or across one boundary
                 middle = min(stop, (start // b + 1) * b)
@@ -106,7 +106,7 @@ class LoKr(AdapterModule):
                 return
             if start < first * b:
                 part(start, first * b, view[: first * b - start])
-            whole = view[first * b - start : last * b - start].view(last - first, b, c, -1)
+            whole = view[first * b - start : last * b - start].view(last - first, b, c, dk)
             torch.mul(w1[first:last].unsqueeze(1), w2.unsqueeze(0), out=whole)
             if last * b < stop:
                 part(last * b, stop, view[last * b - start :])
