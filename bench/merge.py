@@ -40,21 +40,9 @@ from lycoris_core.bake import StreamItem, StreamWriter, bake_checkpoint, stream_
 from lycoris_core.keymap import state_shapes  # noqa: E402
 from lycoris_core.merge import MergeInput, gather, load_inputs, model_arch, summed_delta, summed_factors  # noqa: E402
 from lycoris_core.svd import auto_plan, truncate  # noqa: E402
-from lycoris_core.synthetic import attention_only, default_targets, synthetic_adapter  # noqa: E402
+from lycoris_core.synthetic import attention_only, default_targets, synthetic_adapter, write_checkpoint  # noqa: E402
 
 COMMAND = "python bench/merge.py"
-
-
-def write_checkpoint(path, parts):
-    shapes = state_shapes("sd1", "checkpoint", parts)
-    w = StreamWriter(path, [(k, "F16", s) for k, s in shapes.items()], {})
-    gen = torch.Generator().manual_seed(0)
-    for k, s in shapes.items():
-        t = torch.empty(s, dtype=torch.float16)
-        if t.numel():
-            t.uniform_(-0.05, 0.05, generator=gen)
-        w.write(k, t)
-    w.close()
 
 
 def drop_cache(path):
@@ -219,7 +207,7 @@ def main():
         parts = ("te1",) if args.quick else ("unet", "te1")
         ckpt = work / ("sd15-te.safetensors" if args.quick else "sd15.safetensors")
         if not ckpt.exists():
-            write_checkpoint(ckpt, parts)
+            write_checkpoint(ckpt, "sd1", parts)
         lora = work / "bake-lora32.safetensors"
         if not lora.exists():
             save_file(synthetic_adapter("sd1", "lora", rank=32, conv_rank=16, dtype=torch.float16, seed=0), str(lora))

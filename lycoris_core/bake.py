@@ -319,11 +319,9 @@ class DeltaPrefetch:
         return (not c.bias and c.strength != 0 and c.module.linear_in_strength and not c.module.uses_weight
                 and not streams(c))
 
-    def peek(self, module, target, base):
-        """Nothing is kept for streamed deltas (see ``patch.patched_value``)."""
-        return None
-
-    def room(self, size: int) -> bool:
+    @staticmethod
+    def keeps(module) -> bool:
+        """Streamed deltas are built in the patch pass and never kept (see ``patch.patched_value``)."""
         return False
 
     @staticmethod

@@ -9,7 +9,6 @@ that did not change.  Names and alpha follow ``merge``: kohya names, alpha = ran
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -25,11 +24,11 @@ from .merge import (
     Progress,
     ProgressFn,
     _skip,
-    _version,
     factorize,
     file_identity,
     kohya_name,
     record,
+    save_lora,
 )
 
 SKIP_NAMES = {
@@ -62,7 +61,7 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
     from .keymap.spaces import space_table
     from .reader import SafetensorsSource
     from .svd import _threads, check_mode
-    from .writer import check_output, save_tensors
+    from .writer import check_output
 
     started = time.perf_counter()
     try:
@@ -143,20 +142,12 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
     if not report.merged:
         raise MergeError("the checkpoints do not differ in any extractable weight")
     if not dry_run:
-        meta = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(max(r["rank"] for r in report.merged)),
-            "ss_network_alpha": "rank (scale 1)",
-            "lycoris_core_recipe": json.dumps({
-                "tool": f"lycoris_core {_version()}", "command": "extract",
-                "base": {"name": os.path.basename(base), **file_identity(base, 0)},
-                "tuned": {"name": os.path.basename(tuned), **file_identity(tuned, 0)},
-                "rank_mode": rank_mode, "rank_param": rank_param, "conv_rank_param": conv_rank_param,
-                "conv_tucker": conv_tucker, "svd": svd, "save_dtype": save_dtype, "alpha": "alpha = rank, scale 1",
-            }),
-        }
-        written = save_tensors(tensors, out_path, meta, overwrite=overwrite)
-        report.path = str(written)
-        report.size_bytes = os.path.getsize(written)
+        save_lora(report, tensors, out_path, overwrite, {
+            "command": "extract",
+            "base": {"name": os.path.basename(base), **file_identity(base, 0)},
+            "tuned": {"name": os.path.basename(tuned), **file_identity(tuned, 0)},
+            "rank_mode": rank_mode, "rank_param": rank_param, "conv_rank_param": conv_rank_param,
+            "conv_tucker": conv_tucker, "svd": svd, "save_dtype": save_dtype,
+        })
     report.seconds = time.perf_counter() - started
     return report

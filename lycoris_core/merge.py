@@ -396,7 +396,7 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
     from .keymap import state_shapes
     from .keymap.spaces import space_table
     from .svd import _threads, check_mode
-    from .writer import check_output, save_tensors
+    from .writer import check_output
 
     started = time.perf_counter()
     try:
@@ -489,22 +489,31 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
     if not report.merged:
         raise MergeError("nothing to merge: every module was skipped\n" + report.to_text())
     if not dry_run:
-        meta = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(max(r["rank"] for r in report.merged)),
-            "ss_network_alpha": "rank (scale 1)",
-            "lycoris_core_recipe": json.dumps({
-                "tool": f"lycoris_core {_version()}", "command": title, "inputs": [i.recipe() for i in inputs],
-                "rank_mode": rank_mode, "rank_param": rank_param, "conv_tucker": conv_tucker, "svd": svd,
-                "base": os.path.basename(base) if base else None, "alpha": "alpha = rank, scale 1",
-                "save_dtype": save_dtype,
-            }),
-        }
-        written = save_tensors(tensors, out_path, meta, overwrite=overwrite)
-        report.path = str(written)
-        report.size_bytes = os.path.getsize(written)
+        save_lora(report, tensors, out_path, overwrite, {
+            "command": title, "inputs": [i.recipe() for i in inputs], "rank_mode": rank_mode,
+            "rank_param": rank_param, "conv_tucker": conv_tucker, "svd": svd,
+            "base": os.path.basename(base) if base else None, "save_dtype": save_dtype,
+        })
     report.seconds = time.perf_counter() - started
     return report
+
+
+def save_lora(report: MergeReport, tensors: dict[str, torch.Tensor], out_path: str, overwrite: bool,
+              recipe: dict) -> None:
+    """Write a merged or extracted LoRA (temp file, rename, read back) with kohya's network
+    metadata and the recipe; put the path and size in ``report``."""
+    from .writer import save_tensors
+
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(r["rank"] for r in report.merged)),
+        "ss_network_alpha": "rank (scale 1)",
+        "lycoris_core_recipe": json.dumps({"tool": f"lycoris_core {_version()}", **recipe,
+                                           "alpha": "alpha = rank, scale 1"}),
+    }
+    written = save_tensors(tensors, out_path, meta, overwrite=overwrite)
+    report.path = str(written)
+    report.size_bytes = os.path.getsize(written)
 
 
 def _base_weight(source, table, part: str, canonical: str) -> torch.Tensor:

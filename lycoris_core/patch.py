@@ -118,7 +118,7 @@ class DeltaCache:
         """The delta, kept or computed (and kept when there is room)."""
         if not module.linear_in_strength:
             raise ValueError("only linear-in-strength deltas are cached")
-        if module.cheap_delta:  # rebuilding costs about what reading a cached copy would
+        if not self.keeps(module):
             return module_delta(module, target, base)
         delta = self.peek(module, target, base)
         if delta is None:
@@ -126,6 +126,11 @@ class DeltaCache:
             if self.room(delta.numel() * delta.element_size()):
                 self.put(module, target, base, delta)
         return delta
+
+    @staticmethod
+    def keeps(module: AdapterModule) -> bool:
+        """A cheap delta (kron, a stored diff) costs about as much to rebuild as to read back: never kept."""
+        return not module.cheap_delta
 
     def room(self, size: int) -> bool:
         """Make room for ``size`` bytes by dropping entries of earlier passes; False if it cannot."""
@@ -248,8 +253,7 @@ def _terms(base: torch.Tensor, rows: int, cols: int, live: Sequence[Contribution
     terms: list[_Streamed | _Whole] = []
     for c in live:
         if streams(c):
-            # a cheap delta (kron, stored diff) is rebuilt per tile for about what reading it back would cost
-            cacheable = cache is not None and not c.module.cheap_delta
+            cacheable = cache is not None and cache.keeps(c.module)
             kept = cache.peek(c.module, c.target, base) if cacheable else None
             if kept is not None:
                 terms.append(_Whole(kept.reshape(rows, cols), c.strength, 0))
@@ -288,6 +292,7 @@ def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key
     if out is None:
         out = torch.empty_like(base)
     src, dst = base.view(rows, cols), out.view(rows, cols)
+    streamed = [t for t in terms if isinstance(t, _Streamed)]
     for start, stop in tiles(rows, cols):
         part = WORKSPACE.take("sum", (stop - start, cols))
         part.copy_(src[start:stop])
@@ -302,23 +307,22 @@ def patched_value(base: torch.Tensor, contributions: Sequence[Contribution], key
                 lo, hi = max(start, term.first), min(stop, term.first + term.delta.shape[0])
                 if lo < hi:
                     part[lo - start : hi - start].add_(term.delta[lo - term.first : hi - term.first], alpha=term.alpha)
-        _check_tile(part, base.dtype, key, terms, start, stop)
+        _check_tile(part, base.dtype, key, streamed, start, stop)
         dst[start:stop].copy_(part)
-    for term in terms:
-        if isinstance(term, _Streamed) and term.keep is not None:
+    for term in streamed:
+        if term.keep is not None:
             c = term.contribution
             cache.put(c.module, c.target, base, term.keep.view(c.target.shape))
     return out
 
 
-def _check_tile(part: torch.Tensor, dtype: torch.dtype, key: str, terms: Sequence[_Streamed | _Whole],
+def _check_tile(part: torch.Tensor, dtype: torch.dtype, key: str, streamed: Sequence[_Streamed],
                 start: int, stop: int) -> None:
     """One check per tile for the whole sum: a non-finite delta makes the sum non-finite.
 
     Only when the sum fails are the tile's streamed deltas rebuilt and checked one by
     one, so an overflowing adapter is named as the whole-delta path names it.
     """
-    streamed = [t for t in terms if isinstance(t, _Streamed)]
     try:
         if dtype in NARROW:
             check_range(part, dtype, key)

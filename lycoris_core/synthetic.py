@@ -130,3 +130,22 @@ def synthetic_adapter(arch: str, algo: str, *, select: Callable[[ModuleSpec], bo
         for suffix, value in module_tensors(algo, spec.weight, gen, r, **options).items():
             tensors[f"{name}.{suffix}"] = value if value.dtype == torch.int64 else value.to(dtype)
     return tensors
+
+
+def write_checkpoint(path, arch: str = "sd1", parts=("unet", "te1"), seed: int = 0,
+                     metadata: dict[str, str] | None = None) -> str:
+    """A single-file checkpoint with the real keys and shapes of ``parts`` and seeded random fp16
+    values, written tensor by tensor (a full SD1.5 never sits in memory)."""
+    from .bake import StreamWriter
+    from .keymap import state_shapes
+
+    shapes = state_shapes(arch, "checkpoint", parts)
+    writer = StreamWriter(path, [(k, "F16", s) for k, s in shapes.items()], metadata or {})
+    gen = torch.Generator().manual_seed(seed)
+    for key, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.float16)
+        if t.numel():
+            t.uniform_(-0.05, 0.05, generator=gen)
+        writer.write(key, t)
+    writer.close()
+    return str(path)

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lycoris_core.adapter import load_adapter
-from lycoris_core.bake import StreamWriter, bake_checkpoint
+from lycoris_core.bake import bake_checkpoint
 from lycoris_core.errors import OutputExistsError
-from lycoris_core.keymap import state_shapes
 from lycoris_core.merge import MergeInput
 from lycoris_core.patch import AdapterSpec, build_plan
 from lycoris_core.rounding import to_dtype
 from lycoris_core.synthetic import synthetic_adapter
+from lycoris_core.synthetic import write_checkpoint as write_synthetic_checkpoint
 
 LONG = os.environ.get("LYCORIS_LONG") == "1"
 TE_ALGOS = ["lora", "dora", "loha", "lokr", "full", "ia3", "glora", "diag-oft"]
@@ -33,16 +33,7 @@ UNET_ALGOS = TE_ALGOS + ["locon_tucker", "loha_tucker", "norm"]
 
 def write_checkpoint(path, parts=("unet", "te1"), seed=0):
     """A single-file SD1.5 checkpoint with real keys and shapes and random fp16 values."""
-    shapes = state_shapes("sd1", "checkpoint", parts)
-    writer = StreamWriter(path, [(k, "F16", s) for k, s in shapes.items()], {"format": "pt"})
-    gen = torch.Generator().manual_seed(seed)
-    for key, shape in shapes.items():
-        t = torch.empty(shape, dtype=torch.float16)
-        if t.numel():
-            t.uniform_(-0.05, 0.05, generator=gen)
-        writer.write(key, t)
-    writer.close()
-    return str(path)
+    return write_synthetic_checkpoint(path, "sd1", parts, seed, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")

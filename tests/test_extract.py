@@ -16,7 +16,6 @@ FC1 = "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight"
 
 def write_pair(folder, deltas):
     shapes = state_shapes("sd1", "checkpoint", ("te1",))
-    gen = torch.Generator().manual_seed(0)
     paths = []
     for name, add in (("base", False), ("tuned", True)):
         path = folder / f"{name}.safetensors"
@@ -29,7 +28,6 @@ def write_pair(folder, deltas):
             w.write(key, t)
         w.close()
         paths.append(str(path))
-    del gen
     return paths
 
 
