@@ -16,7 +16,7 @@
   module is the optimal (Eckart-Young) truncation error from its exact spectrum
   (float64; from the exact low-rank factors when they are smaller than the matrix,
   else from a dense SVD), cross-checked against the timed full SVDs.  randomized and
-  auto are timed on every module, through lycoris_core.svd.truncate as merge calls it,
+  auto are timed on every module, through lycoris_core.tools.svd.truncate as merge calls it,
   and their errors are measured on the factors they return.
 """
 
@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lycoris_core.bake import StreamItem, StreamWriter, bake_checkpoint, stream_copy  # noqa: E402
+from lycoris_core.io.stream import StreamItem, StreamWriter, stream_copy  # noqa: E402
 from lycoris_core.keymap import state_shapes  # noqa: E402
-from lycoris_core.merge import MergeInput, gather, load_inputs, model_arch, summed_delta, summed_factors  # noqa: E402
-from lycoris_core.svd import auto_plan, truncate  # noqa: E402
-from lycoris_core.synthetic import attention_only, default_targets, synthetic_adapter, write_checkpoint  # noqa: E402
+from lycoris_core.testing.synthetic import attention_only, default_targets, synthetic_adapter, write_checkpoint  # noqa: E402
+from lycoris_core.tools.bake import bake_checkpoint  # noqa: E402
+from lycoris_core.tools.merge import MergeInput, gather, load_inputs, model_arch, summed_delta, summed_factors  # noqa: E402
+from lycoris_core.tools.svd import auto_plan, truncate  # noqa: E402
 
 COMMAND = "python bench/merge.py"
 
@@ -55,7 +56,7 @@ def drop_cache(path):
 
 def io_floor(src, dst):
     """The same stream as bake (reader thread, reused buffers, writer thread, fsync), nothing patched."""
-    from lycoris_core.reader import read_safetensors_header
+    from lycoris_core.io.reader import read_safetensors_header
 
     t0 = time.perf_counter()
     entries, meta, start = read_safetensors_header(src)

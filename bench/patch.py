@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 from safetensors.torch import save_file  # noqa: E402
 
 from lycoris_core import load_adapter  # noqa: E402
+from lycoris_core.io.reader import SafetensorsSource  # noqa: E402
 from lycoris_core.keymap import state_shapes  # noqa: E402
 from lycoris_core.patch import DEFAULT_CACHE_BYTES, AdapterSpec, WeightPatcher, build_plan  # noqa: E402
-from lycoris_core.reader import SafetensorsSource  # noqa: E402
-from lycoris_core.synthetic import attention_only, default_targets, synthetic_adapter  # noqa: E402
+from lycoris_core.testing.synthetic import attention_only, default_targets, synthetic_adapter  # noqa: E402
 
 # name -> (synthetic algo, options)
 CASES = {

@@ -1,8 +1,9 @@
 """Hand ``lycoris_core`` patch plans to ComfyUI's ModelPatcher / CLIP patch API.
 
-Nothing here computes a delta: ``LycorisPatch.calculate_weight`` calls
-``lycoris_core.patch.accumulate`` with the contributions of one weight key.  ComfyUI
-itself decides when to patch (full load, low-VRAM on-the-fly patching, hooks), keeps the
+Nothing here computes a delta: ``LycorisPatch.calculate_weight`` calls the core's patch
+kernel (``lycoris_core.patch.accumulate``) with the contributions of one weight key, on
+the working copy ComfyUI hands over (on its device, in its dtype).  ComfyUI itself
+decides when to patch (full load, low-VRAM on-the-fly patching, hooks), keeps the
 backups and unpatches exactly, so the input MODEL/CLIP are only cloned, never mutated.
 
 ComfyUI modules are imported at call time, so this file imports without ComfyUI.
@@ -10,14 +11,18 @@ ComfyUI modules are imported at call time, so this file imports without ComfyUI.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
 
-from lycoris_core.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, AdapterCache, budget_from_env
+from lycoris_core.adapter.cache import DEFAULT_ADAPTER_CACHE_BYTES, AdapterCache
+from lycoris_core.adapter.metadata import trigger_words
 from lycoris_core.errors import BlockWeightError, LycorisError
-from lycoris_core.metadata import trigger_words
+from lycoris_core.memory import budget_from_env
 from lycoris_core.patch import (
     DEFAULT_CACHE_BYTES,
     AdapterSpec,
@@ -35,7 +40,8 @@ LORA_FOLDER = "loras"
 
 # One of each per process: every node shares loaded files and strength-1 deltas.
 ADAPTERS = AdapterCache(budget_from_env("LYCORIS_ADAPTER_CACHE_MB", DEFAULT_ADAPTER_CACHE_BYTES))
-DELTAS = DeltaCache(budget_from_env("LYCORIS_CACHE_MB", DEFAULT_CACHE_BYTES))
+DELTAS = DeltaCache(budget_from_env("LYCORIS_CACHE_MB", DEFAULT_CACHE_BYTES),
+                    budget_from_env("LYCORIS_DEVICE_CACHE_MB", 0))
 
 
 # ---- the adapter object ComfyUI calls -------------------------------------------------------
@@ -52,50 +58,53 @@ def _is_identity(function) -> bool:
 
 
 class _LycorisPatchMixin:
-    """All contributions of a stack to one weight (or bias) key: summed once, in place."""
+    """All contributions of a stack to one weight (or bias) key: summed once, in place.
+
+    ``identity`` names the original weight this patch sees (see ``patch.cache``): set when
+    this is the first patch on its key of a known model, so W0-dependent deltas may be
+    kept across strength changes; None otherwise (they are rebuilt every time).
+    """
 
     name = "lycoris"
 
     def __init__(self, key: str, shape: Sequence[int], contributions: Sequence[Contribution],
-                 cache: DeltaCache | None = None):
+                 cache: DeltaCache | None = None, identity=None):
         self.key = key
         self.shape = tuple(shape)
         self.contributions = tuple(contributions)
         self.cache = cache
+        self.identity = identity
         self.loaded_keys: set[str] = set()
         self.weights = ()
-        self.needs_original = any(c.module.uses_weight and not c.bias for c in self.contributions)
 
     def __repr__(self) -> str:
         return f"<LycorisPatch {self.key}: {len(self.contributions)} contributions>"
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        # ``weight`` is ComfyUI's float32 working copy (already times strength_model),
-        # narrowed to ``offset`` when there is one; it must be changed in place.
+        # ``weight`` is ComfyUI's working copy (float32, or the compute dtype in low-VRAM mode),
+        # on its device, already times strength_model, narrowed to ``offset`` when there is one;
+        # it is changed in place and returned: the sum is formed in float32 and rounded once.
         if strength == 0 or not self.contributions:
             return weight
-        if offset is None and tuple(weight.shape) == self.shape:
-            # W0-dependent deltas (DoRA, GLoRA, IA3, OFT) read the weight as it arrived
-            base = weight.detach().clone() if self.needs_original else weight
-            if weight.dtype == torch.float32 and _is_identity(function):
-                accumulate(weight, base, self.contributions, self.cache, scale=strength)
-            else:
-                delta = accumulate(torch.zeros(self.shape, dtype=torch.float32, device=weight.device),
-                                   base, self.contributions, self.cache, scale=strength)
-                weight += function(delta).to(weight.dtype)
-            return weight
-        if self.needs_original:
+        if offset is None and tuple(weight.shape) == self.shape and _is_identity(function):
+            identity = None if self.identity is None else (*self.identity, weight.dtype)
+            return accumulate(weight, None, self.contributions, self.cache, scale=strength,
+                              identity=identity, key=key)
+        if offset is not None and any(c.module.uses_weight and not c.bias for c in self.contributions):
             raise LycorisError(
                 f"{key}: a LyCORIS patch that depends on the original weight cannot be applied to a "
                 f"slice {offset} of it"
             )
-        if offset is None:
+        if offset is None and tuple(weight.shape) != self.shape:
             raise LycorisError(f"{key}: weight is {tuple(weight.shape)}, the LyCORIS patch was built for {self.shape}")
-        full = torch.zeros(self.shape, dtype=torch.float32, device=weight.device)
-        accumulate(full, full, self.contributions, self.cache, scale=strength)
-        weight += function(full.narrow(*offset)).to(weight.dtype)
-        return weight
+        # a ``function`` (e.g. a scaled-fp8 weight's scale) or an offset: the float32 delta first
+        base = weight if offset is None else None
+        delta = accumulate(torch.zeros(self.shape, dtype=torch.float32, device=weight.device),
+                           base, self.contributions, None, scale=strength, key=key)
+        if offset is not None:
+            delta = delta.narrow(*offset)
+        return weight.copy_(weight.to(torch.float32).add_(function(delta)))
 
 
 _PATCH_CLASSES: dict[type, type] = {}
@@ -111,6 +120,38 @@ def patch_class() -> type:
         cls = type("LycorisPatch", (_LycorisPatchMixin, base), {"__module__": __name__})
         _PATCH_CLASSES[base] = cls
     return cls
+
+
+# ---- memory: give the caches back when ComfyUI frees memory for models ------------------------
+
+_HOOKED = threading.Lock()
+_hooked = False
+
+
+def release_caches() -> None:
+    """Drop every kept delta and every factor kept on an accelerator."""
+    DELTAS.clear()
+    ADAPTERS.release_devices()
+
+
+def _hook_model_unloads() -> None:
+    """Once per process: when ComfyUI unloads models to make room, our caches go too."""
+    global _hooked
+    with _HOOKED:
+        if _hooked:
+            return
+        _hooked = True
+        import comfy.model_management as mm
+
+        free_memory = mm.free_memory
+
+        def free_memory_and_lycoris_caches(*args, **kwargs):
+            unloaded = free_memory(*args, **kwargs)
+            if unloaded:
+                release_caches()
+            return unloaded
+
+        mm.free_memory = free_memory_and_lycoris_caches
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -133,13 +174,21 @@ def load(name: str):
 
 # ---- planning and applying ----------------------------------------------------------------
 
+_MODEL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENS = itertools.count()
+
+
+def _model_token(patcher) -> int:
+    """A number for the torch module behind a ModelPatcher, never reused while it lives."""
+    module = patcher.model
+    token = _MODEL_TOKENS.get(module)
+    if token is None:
+        token = _MODEL_TOKENS[module] = next(_TOKENS)
+    return token
+
+
 def _shapes(patcher) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
-
-
-def plan_for(specs: Sequence[AdapterSpec], model_shapes: dict, clip_shapes: dict) -> PatchPlan:
-    """One plan for the whole stack on MODEL (+ CLIP) weights; the core's refusal names the adapter file."""
-    return build_plan(specs, {**model_shapes, **clip_shapes})
 
 
 def apply_stack(model, clip, rows: Sequence[tuple[str, float, float, str]]):
@@ -155,6 +204,7 @@ def apply_stack(model, clip, rows: Sequence[tuple[str, float, float, str]]):
         rows = [r for r in rows if r[1] != 0 or r[2] != 0]
     if not rows:
         return model, clip, None, []
+    _hook_model_unloads()
     specs = []
     for name, sm, sc, bw in rows:
         adapter = load(name)
@@ -164,42 +214,47 @@ def apply_stack(model, clip, rows: Sequence[tuple[str, float, float, str]]):
             raise BlockWeightError(f"LyCORIS adapter '{name}': {exc}") from None
     model_keys = _shapes(model)
     clip_keys = _shapes(clip.patcher) if clip is not None else {}
-    plan = plan_for(specs, model_keys, clip_keys)
+    plan: PatchPlan = build_plan(specs, {**model_keys, **clip_keys})
     # deltas of this stack are protected from eviction by older ones
     DELTAS.new_epoch(c.module for cs in plan.contributions.values() for c in cs)
-    names = [r[0] for r in rows]
-
-    cls = patch_class()
-    shapes = {**model_keys, **clip_keys}
-    model_patches, clip_patches = {}, {}
-    for key, contributions in plan.contributions.items():
-        live = [c for c in contributions if c.strength != 0]
-        if not live:
-            continue
-        patch = cls(key, shapes[key], live, DELTAS)
-        if key in model_keys:
-            model_patches[key] = patch
-        elif key in clip_keys:
-            clip_patches[key] = patch
 
     new_model = model.clone()
-    accepted = new_model.add_patches(model_patches, 1.0) if model_patches else []
-    new_clip = clip
-    if clip is not None:
-        new_clip = clip.clone()
-        accepted = list(accepted) + list(new_clip.add_patches(clip_patches, 1.0) if clip_patches else [])
-    dropped = len(model_patches) + len(clip_patches) - len(accepted)
-    if dropped:  # cannot happen with keys from the model's own state dict; say so once if it does
-        log.warning("[LyCORIS] %d patched keys were not accepted by the model", dropped)
+    new_clip = clip.clone() if clip is not None else None
+    offered = accepted = 0
+    for target, keys in ((new_model, model_keys), (new_clip.patcher if new_clip is not None else None, clip_keys)):
+        if target is None:
+            continue
+        patches = _patches(plan, keys, target)
+        offered += len(patches)
+        if patches:
+            owner = new_model if target is new_model else new_clip
+            accepted += len(owner.add_patches(patches, 1.0))
+    if offered != accepted:  # cannot happen with keys from the model's own state dict; say so once if it does
+        log.warning("[LyCORIS] %d patched keys were not accepted by the model", offered - accepted)
 
     lines = []
-    for name, spec, report in zip(names, specs, plan.reports, strict=True):
+    for (name, *_), spec, report in zip(rows, specs, plan.reports, strict=True):
         line = f"{name}: {report.summary()}"
         if spec.adapter.unknown_reasons:
             line += f"; {len(spec.adapter.unknown_reasons)} adapter keys not understood"
         lines.append(line)
         log.info("[LyCORIS] %s", line)
-    return new_model, new_clip, plan, lines
+    return new_model, new_clip if clip is not None else clip, plan, lines
+
+
+def _patches(plan: PatchPlan, keys: dict, patcher) -> dict:
+    """One LycorisPatch per key of this model part that the plan touches at a non-zero strength."""
+    cls = patch_class()
+    token = _model_token(patcher)
+    out = {}
+    for key, contributions in plan.contributions.items():
+        live = [c for c in contributions if c.strength != 0]
+        if key not in keys or not live:
+            continue
+        # the original weight is what this patch sees only when no earlier patch is on the key
+        identity = None if patcher.patches.get(key) else (token, key)
+        out[key] = cls(key, keys[key], live, DELTAS, identity)
+    return out
 
 
 def trigger_lines(names: Sequence[str]) -> list[str]:

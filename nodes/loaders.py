@@ -7,7 +7,7 @@ shared caches of ``glue`` so every node and every strength change reuses them.
 
 from __future__ import annotations
 
-from lycoris_core.adapter_cache import file_key
+from lycoris_core.adapter.cache import file_key
 
 from . import glue
 from .info import adapter_info, summary_text
@@ -179,8 +179,9 @@ class LycorisInfo:
         return _file_state([adapter_name])
 
     def describe(self, adapter_name):
-        info = adapter_info(glue.load(adapter_name), adapter_name)
-        summary = summary_text(info)
+        adapter = glue.load(adapter_name)
+        info = adapter_info(adapter, adapter_name)
+        summary = summary_text(adapter)
         words = ", ".join(info["trigger_words"])
         blocks = ", ".join(info["blocks"])
         return {"ui": {"lycoris": [summary]}, "result": (summary, words, blocks)}

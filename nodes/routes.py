@@ -13,11 +13,11 @@ import asyncio
 import logging
 from urllib.parse import quote
 
+from lycoris_core.adapter.metadata import preview_image
 from lycoris_core.errors import LycorisError
-from lycoris_core.metadata import preview_image
 
 from . import glue
-from .info import NameError400, adapter_info, check_name
+from .info import InvalidName, adapter_info, check_name
 
 log = logging.getLogger("comfyui-lycoris")
 
@@ -30,7 +30,7 @@ def resolve(name: str | None) -> tuple[int, str]:
     """(200, full path) or (status, message) for a requested adapter name."""
     try:
         check_name(name)
-    except NameError400 as exc:
+    except InvalidName as exc:
         return 400, str(exc)
     import folder_paths
 

@@ -22,10 +22,10 @@ import folder_paths  # noqa: E402
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 
 from lycoris_core import load_adapter  # noqa: E402
-from lycoris_core.demo import DEMO_METADATA, demo_tensors  # noqa: E402
+from lycoris_core.testing.demo import DEMO_METADATA, demo_tensors  # noqa: E402
 from lycoris_core.keymap import state_shapes  # noqa: E402
 from lycoris_core.patch import AdapterSpec, build_plan  # noqa: E402
-from lycoris_core.writer import save_tensors  # noqa: E402
+from lycoris_core.io.writer import save_tensors  # noqa: E402
 
 SHAPES = state_shapes("sd1", "comfy")
 UNET_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("diffusion_model.")}

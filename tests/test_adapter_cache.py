@@ -1,12 +1,13 @@
-"""lycoris_core.adapter_cache: one object per (path, size, mtime), LRU bounded by file bytes."""
+"""lycoris_core.adapter.cache: one object per (path, size, mtime), LRU bounded by file bytes."""
 
 from __future__ import annotations
 
 import os
 import threading
 
-from lycoris_core.adapter_cache import AdapterCache, budget_from_env, file_key
-from lycoris_core.demo import write_demo_files
+from lycoris_core.adapter.cache import AdapterCache, file_key
+from lycoris_core.memory import budget_from_env
+from lycoris_core.testing.demo import write_demo_files
 
 
 def test_same_object_until_the_file_changes(tmp_path):

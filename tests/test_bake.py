@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lycoris_core.adapter import load_adapter
-from lycoris_core.bake import bake_checkpoint
 from lycoris_core.errors import OutputExistsError
-from lycoris_core.merge import MergeInput
+from lycoris_core.numerics.rounding import to_dtype
 from lycoris_core.patch import AdapterSpec, build_plan
-from lycoris_core.rounding import to_dtype
-from lycoris_core.synthetic import synthetic_adapter
-from lycoris_core.synthetic import write_checkpoint as write_synthetic_checkpoint
+from lycoris_core.testing.synthetic import synthetic_adapter
+from lycoris_core.testing.synthetic import write_checkpoint as write_synthetic_checkpoint
+from lycoris_core.tools.bake import bake_checkpoint
+from lycoris_core.tools.merge import MergeInput
 
 LONG = os.environ.get("LYCORIS_LONG") == "1"
 TE_ALGOS = ["lora", "dora", "loha", "lokr", "full", "ia3", "glora", "diag-oft"]
@@ -127,8 +127,8 @@ def unet_and_te(spec):
 
 RSS_SCRIPT = """
 import resource, sys
-from lycoris_core.bake import bake_checkpoint
-from lycoris_core.merge import MergeInput
+from lycoris_core.tools.bake import bake_checkpoint
+from lycoris_core.tools.merge import MergeInput
 inputs = [MergeInput(p, 0.9, 0.8) for p in sys.argv[3:]]
 bake_checkpoint(sys.argv[1], inputs, sys.argv[2], progress=lambda d, t, s: None)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

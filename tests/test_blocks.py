@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lycoris_core import BlockWeightError
-from lycoris_core.blocks import ALL_BLOCKS, TABLES, parse_block_weights, preset_vector
+from lycoris_core.patch.blocks import ALL_BLOCKS, TABLES, parse_block_weights, preset_vector
 
 # published in sd-webui-lora-block-weight (scripts/lora_block_weight.py), written out by hand here
 PUBLISHED_TABLES = {

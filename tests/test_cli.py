@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from lycoris_core.adapter import load_adapter
-from lycoris_core.cli import main
-from lycoris_core.synthetic import synthetic_adapter
+from lycoris_core.testing.synthetic import synthetic_adapter
+from lycoris_core.tools.cli import main
 
 ROOT = Path(__file__).parents[1]
 

@@ -5,10 +5,10 @@ import torch
 from safetensors import safe_open
 
 from lycoris_core.adapter import load_adapter
-from lycoris_core.bake import StreamWriter
 from lycoris_core.errors import ArchitectureMismatchError
-from lycoris_core.extract import extract_adapter
+from lycoris_core.io.stream import StreamWriter
 from lycoris_core.keymap import state_shapes
+from lycoris_core.tools.extract import extract_adapter
 
 Q = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
 FC1 = "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight"

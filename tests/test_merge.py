@@ -6,8 +6,8 @@ from safetensors.torch import load_file, save_file
 
 from lycoris_core.adapter import load_adapter
 from lycoris_core.errors import LycorisError, OutputExistsError
-from lycoris_core.merge import MergeInput, merge_adapters
-from lycoris_core.synthetic import synthetic_adapter
+from lycoris_core.testing.synthetic import synthetic_adapter
+from lycoris_core.tools.merge import MergeInput, merge_adapters
 
 SMALL = {
     "conv_in", "conv_out", "down_blocks.0.attentions.0.proj_in",

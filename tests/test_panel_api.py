@@ -66,6 +66,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def frame_rows(value) -> list[list]:
+    """Rows of a table output; tables come as updates (they are shown only once they have data)."""
+    if isinstance(value, dict) and value.get("__type__") == "update":
+        assert value.get("visible") is True
+        value = value["value"]
     return value["data"] if isinstance(value, dict) else value
 
 
@@ -147,7 +151,7 @@ def test_resize_shrinks_the_rank_and_refuses_a_larger_one(panel):
 
 
 def test_bake_dry_run_then_write_a_checkpoint(panel):
-    pytest.importorskip("lycoris_core.bake")
+    pytest.importorskip("lycoris_core.tools.bake")
     status, _plot, table, _text = dry_run(panel, "bake", ["demo_lora.safetensors", 1.0, 1.0, ""],
                                           checkpoint=DEMO_CHECKPOINT)
     assert "Dry run" in status and len(frame_rows(table)) > 0
@@ -244,9 +248,9 @@ def test_bad_strengths_and_rank_are_readable_errors(panel):
 
 
 def test_two_writes_at_once_are_queued_not_interleaved(panel, monkeypatch):
-    import lycoris_core.merge as merge
+    from web.panel import actions
 
-    real = merge.merge_adapters
+    real = actions.merge_adapters
     spans, lock = [], threading.Lock()
 
     def recording(*args, **kwargs):
@@ -258,7 +262,7 @@ def test_two_writes_at_once_are_queued_not_interleaved(panel, monkeypatch):
             with lock:
                 spans.append((start, time.monotonic()))
 
-    monkeypatch.setattr(merge, "merge_adapters", recording)
+    monkeypatch.setattr(actions, "merge_adapters", recording)
     jobs = [panel.client.submit("merge", rows(["demo_lora.safetensors", 1, 1, ""]), None, "fixed", 4, False, "keep",
                                 f"api_queue_{i}.safetensors", False, api_name="/run") for i in range(2)]
     for job in jobs:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from lycoris_core import AdapterFormatError, PickleRefusedError, load_adapter
-from lycoris_core.reader import read_safetensors_header
+from lycoris_core.io.reader import read_safetensors_header
 
 
 def raw_safetensors(path, header: dict, data: bytes = b"", header_len: int | None = None):
@@ -189,7 +189,7 @@ def test_strength_zero_is_exact_and_dtype_is_kept():
 
 def test_stored_is_a_checked_view_of_the_file_even_at_an_odd_offset(tmp_path):
     """``stored`` (how a full diff is read once per patch pass) refuses NaN/Inf like ``[]``."""
-    from lycoris_core.reader import SafetensorsSource
+    from lycoris_core.io.reader import SafetensorsSource
 
     good = tmp_path / "good.safetensors"
     tensors = {"a": torch.randn(3, 5).half(), "b": torch.randn(7)}
@@ -219,7 +219,7 @@ NON_FINITE = [(dtype, bad) for dtype in (torch.float16, torch.bfloat16, torch.fl
 
 @pytest.mark.parametrize("dtype, bad", NON_FINITE, ids=[f"{d}-{b}".replace("torch.", "") for d, b in NON_FINITE])
 def test_non_finite_values_are_refused_in_every_float_dtype(tmp_path, dtype, bad):
-    from lycoris_core.reader import DictSource, SafetensorsSource
+    from lycoris_core.io.reader import DictSource, SafetensorsSource
 
     clean = torch.linspace(-3, 3, 1001).to(dtype)
     poisoned = clean.clone()

@@ -41,12 +41,12 @@ from reliability_util import LONG, Memory, MiB, scaled, tally
 from safetensors.torch import save as st_save
 
 from lycoris_core import AdapterFormatError, load_adapter
+from lycoris_core.adapter.describe import summary_lines
 from lycoris_core.algorithms import SUFFIX_ROLES
 from lycoris_core.errors import LycorisError, WeightRangeError
 from lycoris_core.keymap import state_shapes
 from lycoris_core.patch import AdapterSpec, WeightPatcher, build_plan
-from lycoris_core.summary import summary_lines
-from lycoris_core.synthetic import synthetic_adapter
+from lycoris_core.testing.synthetic import synthetic_adapter
 
 SD1 = state_shapes("sd1", "comfy")
 CPU_LIMIT = 1.0  # seconds of CPU per case
@@ -702,7 +702,7 @@ import json, os, sys, tempfile
 from pathlib import Path
 import atheris
 with atheris.instrument_imports(include=["lycoris_core"]):
-    import lycoris_core.adapter, lycoris_core.reader, lycoris_core.algorithms, lycoris_core.patch
+    import lycoris_core.adapter, lycoris_core.io.reader, lycoris_core.algorithms, lycoris_core.patch
 import torch
 torch.set_num_threads(1)
 import test_reliability_fuzz as F

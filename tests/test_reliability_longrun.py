@@ -18,10 +18,10 @@ import torch
 from reliability_util import LONG, Memory, MiB, tally
 
 from lycoris_core import load_adapter
+from lycoris_core.io.reader import SafetensorsSource
 from lycoris_core.keymap import state_shapes
 from lycoris_core.patch import AdapterSpec, WeightPatcher, build_plan
-from lycoris_core.reader import SafetensorsSource
-from lycoris_core.synthetic import default_targets, synthetic_adapter
+from lycoris_core.testing.synthetic import default_targets, synthetic_adapter
 
 SD1 = state_shapes("sd1", "comfy")
 ALGOS = ("lora", "loha", "lokr", "dora", "ia3", "diag-oft", "glora")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from lycoris_core import AdapterFormatError, WeightRangeError, load_adapter
 from lycoris_core.keymap import state_shapes
 from lycoris_core.patch import AdapterSpec, WeightPatcher
-from lycoris_core.synthetic import module_tensors
+from lycoris_core.testing.synthetic import module_tensors
 
 SD1 = state_shapes("sd1", "comfy")
 # real SD1.5 modules (kohya name -> comfy weight key)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from lycoris_core.adapter import load_adapter
 from lycoris_core.keymap import map_adapter, state_shapes
-from lycoris_core.synthetic import synthetic_adapter
+from lycoris_core.testing.synthetic import synthetic_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ CHILD = r"""
 import os, sys, time, runpy
 delay = float(os.environ.get("RELIABILITY_WRITE_DELAY", "0"))
 if delay:
-    import lycoris_core.bake as bake, lycoris_core.writer as writer
+    import lycoris_core.io.stream as bake, lycoris_core.io.writer as writer
     write, save = bake.StreamWriter.write, writer.save_file
     def slow_write(self, key, tensor):
         write(self, key, tensor)

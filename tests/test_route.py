@@ -13,7 +13,7 @@ import server  # noqa: E402  (the stand-in, on sys.path via nodes_env)
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from nodes import glue, routes  # noqa: E402
-from nodes.info import NameError400, adapter_info, check_name  # noqa: E402
+from nodes.info import InvalidName, adapter_info, check_name  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
@@ -101,7 +101,7 @@ def test_pure_helpers(loras):
     info = adapter_info(glue.ADAPTERS.get(loras / "demo_lokr.safetensors"), "demo_lokr.safetensors")
     assert info["algorithms"] == {"lokr": 7} and info["modules"] == 7 and info["has_preview"] is False
     for bad in ("../a", "a/../../b", "/abs", "", None, "x\x00y"):
-        with pytest.raises(NameError400):
+        with pytest.raises(InvalidName):
             check_name(bad)
     assert check_name("sub/w0.safetensors") == "sub/w0.safetensors"
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lycoris_core.svd import auto_plan, choose_rank, exact_svd, factored_svd, randomized_svd, truncate, tucker2
+from lycoris_core.tools.svd import auto_plan, choose_rank, exact_svd, factored_svd, randomized_svd, truncate, tucker2
 
 
 def _spectrum_matrix(sigmas, m=200, n=150, seed=0):
@@ -94,7 +94,7 @@ def test_low_rank_factors_rebuild_delta(tmp_path, algo, options):
     from safetensors.torch import save_file
 
     from lycoris_core.adapter import load_adapter
-    from lycoris_core.synthetic import synthetic_adapter
+    from lycoris_core.testing.synthetic import synthetic_adapter
 
     path = tmp_path / "a.safetensors"
     save_file(synthetic_adapter("sd1", algo, select=lambda s: s.name in FACTOR_SELECT, rank=4,

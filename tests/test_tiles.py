@@ -12,9 +12,9 @@ import torch
 from lycoris_core import load_adapter
 from lycoris_core.errors import AdapterFormatError
 from lycoris_core.keymap import state_shapes
+from lycoris_core.numerics.tiles import TILE_ELEMENTS, assemble, tile_rows
 from lycoris_core.patch import AdapterSpec, DeltaCache, WeightPatcher, build_plan, patched_value, streams
-from lycoris_core.synthetic import synthetic_adapter
-from lycoris_core.tiles import TILE_ELEMENTS, assemble, tile_rows
+from lycoris_core.testing.synthetic import synthetic_adapter
 
 SD1 = state_shapes("sd1", "comfy")
 BIG = ("mid_block.resnets.0.conv1", "text_model.encoder.layers.0.mlp.fc1")
@@ -49,17 +49,20 @@ def test_streamed_patch_equals_apply_and_fills_the_cache_with_the_exact_delta(we
         assert streams(contributions[0])
         assert tile_rows(base[0].numel()) < base.shape[0] and base.shape[0] % tile_rows(base[0].numel())
         expected = module.apply(base, contributions[0].strength)
+        identity = ("this test's weights", target.weight_key)  # DoRA's delta is kept only under an identity
         assert torch.equal(patched_value(base, contributions, target.weight_key), expected), name
-        assert torch.equal(patched_value(base, contributions, target.weight_key, cache), expected), name
+        assert torch.equal(patched_value(base, contributions, target.weight_key, cache, identity=identity),
+                           expected), name
         w0 = base if module.uses_weight else None  # DoRA: rows renormalised against W0's rows
-        kept = cache.peek(module, target, w0)
+        kept = cache.peek(module, target, identity)
         if cheap:
             assert kept is None and cache.used == 0, name
             continue
         assert kept is not None and torch.equal(kept, module.delta(w0).reshape(kept.shape)), name
         # second pass: the same bits, from the cache
         hits = cache.hits
-        assert torch.equal(patched_value(base, contributions, target.weight_key, cache), expected), name
+        assert torch.equal(patched_value(base, contributions, target.weight_key, cache, identity=identity),
+                           expected), name
         assert cache.hits > hits
 
 
@@ -145,7 +148,7 @@ def test_a_streamed_delta_that_overflows_float32_is_named_and_nothing_is_patched
 def test_kron_rows_for_every_row_range(a, c, b, d):
     """Any tile, inside one block of w2's rows, across one boundary, or holding whole blocks."""
     from lycoris_core.algorithms.lokr import LoKr
-    from lycoris_core.reader import DictSource
+    from lycoris_core.io.reader import DictSource
 
     gen = torch.Generator().manual_seed(a * 100 + b)
     w1, w2 = torch.randn(a, c, generator=gen), torch.randn(b, d, generator=gen)

@@ -1,7 +1,14 @@
 """Every algorithm the engine rebuilds, and the suffix table that detects them.
 
-Adding an algorithm is adding one file with an ``AdapterModule`` subclass and
-listing it in ``ALGORITHMS``; its file suffixes go in ``SUFFIX_ROLES``.
+Owns the per-algorithm math: one file per algorithm, one ``AdapterModule`` subclass
+each, declaring the file suffixes it reads (``suffixes``), shape checks at load, the
+delta (built in row tiles where it can, see ``numerics.tiles``) and a plain reference
+formula that tests compare the fast path with.  DoRA is pure functions in ``dora``.
+Adding an algorithm is adding one file and listing its class in ``ALGORITHMS``: the
+suffix table is built from the classes.
+
+Never does I/O beyond the lazy tensor source, never decides where a weight lives
+(the caller passes the device), never knows model names.
 """
 
 from __future__ import annotations
@@ -18,59 +25,18 @@ from .oft import BOFT, DiagOFT
 
 ALGORITHMS: tuple[type[AdapterModule], ...] = (LoRA, LoHa, LoKr, Full, Norm, GLoRA, DiagOFT, BOFT, IA3)
 
-# suffix as written after the module name -> canonical role
-SUFFIX_ROLES: dict[str, str] = {
-    # LoRA / LoCon as kohya and LyCORIS write it
-    ".lora_down.weight": "lora_down",
-    ".lora_up.weight": "lora_up",
-    ".lora_mid.weight": "lora_mid",
-    # PEFT, diffusers and other trainers
-    ".lora_A.weight": "lora_down",
-    ".lora_B.weight": "lora_up",
-    ".lora_A.default.weight": "lora_down",
-    ".lora_B.default.weight": "lora_up",
-    ".lora.down.weight": "lora_down",
-    ".lora.up.weight": "lora_up",
-    "_lora.down.weight": "lora_down",  # old diffusers attn processors: <...>.to_q_lora.down.weight
-    "_lora.up.weight": "lora_up",
-    ".lora_linear_layer.down.weight": "lora_down",
-    ".lora_linear_layer.up.weight": "lora_up",
-    ".lora_A": "lora_down",
-    ".lora_B": "lora_up",
-    ".lora_magnitude_vector": "dora_scale",  # PEFT DoRA, output axis
-    ".lora_magnitude_vector.weight": "dora_scale",
-    ".lora_magnitude_vector.default.weight": "dora_scale",
-    ".alpha": "alpha",
-    ".dora_scale": "dora_scale",
-    # LoHa
-    ".hada_w1_a": "hada_w1_a",
-    ".hada_w1_b": "hada_w1_b",
-    ".hada_w2_a": "hada_w2_a",
-    ".hada_w2_b": "hada_w2_b",
-    ".hada_t1": "hada_t1",
-    ".hada_t2": "hada_t2",
-    # LoKr
-    ".lokr_w1": "lokr_w1",
-    ".lokr_w1_a": "lokr_w1_a",
-    ".lokr_w1_b": "lokr_w1_b",
-    ".lokr_w2": "lokr_w2",
-    ".lokr_w2_a": "lokr_w2_a",
-    ".lokr_w2_b": "lokr_w2_b",
-    ".lokr_t2": "lokr_t2",
-    # full, norms, (IA)³, GLoRA, OFT/BOFT
-    ".diff": "diff",
-    ".diff_b": "diff_b",
-    ".w_norm": "w_norm",
-    ".b_norm": "b_norm",
-    ".weight": "weight",
-    ".on_input": "on_input",
-    ".a1.weight": "a1",
-    ".a2.weight": "a2",
-    ".b1.weight": "b1",
-    ".b2.weight": "b2",
-    ".oft_blocks": "oft_blocks",
-    ".rescale": "rescale",
-}
+
+def _suffix_roles() -> dict[str, str]:
+    """suffix as written after the module name -> canonical role, from every algorithm's declaration."""
+    table: dict[str, str] = {}
+    for cls in ALGORITHMS:
+        for suffix, role in cls.all_suffixes().items():
+            if table.setdefault(suffix, role) != role:
+                raise AssertionError(f"suffix {suffix!r} means {table[suffix]!r} and {role!r}")
+    return table
+
+
+SUFFIX_ROLES: dict[str, str] = _suffix_roles()
 
 # suffixes recognised but not applied: listed with the reason, never dropped silently
 UNSUPPORTED_SUFFIXES: dict[str, str] = {

@@ -3,8 +3,9 @@
 An ``AdapterModule`` binds one module's tensors (by role) to the math of its
 algorithm.  Shapes are checked from the file header when the module is built, so
 a malformed file fails early with the file and key named; tensor data is read only
-when a delta is asked for.  Pure math: no device policy, no I/O beyond the lazy
-tensor source, no knowledge of models or ComfyUI.
+when a delta is asked for.  Every delta is built on the device it is asked for (the
+weight's): factors are moved there once, in float32, and kept (``resident_bytes``).
+Pure math: no I/O beyond the lazy tensor source, no knowledge of models or ComfyUI.
 """
 
 from __future__ import annotations
@@ -15,22 +16,32 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import AdapterFormatError
-from ..reader import TensorSource
-from ..rounding import check_range, to_dtype
-from ..tiles import WORKSPACE, RowFill, assemble
+from ..io.reader import TensorSource
+from ..numerics.checks import is_finite
+from ..numerics.rounding import check_range, to_dtype
+from ..numerics.tiles import CPU, RowFill, assemble
+from . import dora
+
+#: file suffixes every algorithm that has them shares
+COMMON_SUFFIXES = {".alpha": "alpha"}
+DORA_SUFFIXES = {
+    ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector": "dora_scale",  # PEFT DoRA, output axis
+    ".lora_magnitude_vector.weight": "dora_scale",
+    ".lora_magnitude_vector.default.weight": "dora_scale",
+}
 
 
-def prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
+def _device(device) -> torch.device:
+    return CPU if device is None else torch.device(device)
 
 
 class AdapterModule:
     """One adapted layer: its algorithm, factors and the delta they rebuild."""
 
     algo: str = "?"
+    #: file suffix -> role, as writers spell them; the registry builds its suffix table from these
+    suffixes: dict[str, str] = {}
     #: roles this algorithm consumes; each class lists required and optional ones
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
@@ -42,7 +53,7 @@ class AdapterModule:
     supports_dora: bool = False
     #: rebuilding the delta costs about one pass over it (kron, a stored diff): not worth caching
     cheap_delta: bool = False
-    #: the delta is built in row tiles by ``row_fill`` (set by modules that can, see ``tiles``)
+    #: the delta is built in row tiles by ``row_fill`` (set by modules that can, see ``numerics.tiles``)
     tiled: bool = False
 
     def __init__(self, name: str, keys: Mapping[str, str], source: TensorSource,
@@ -55,6 +66,7 @@ class AdapterModule:
         self.dora = self.supports_dora and "dora_scale" in self.keys
         self.shape: tuple[int, ...] = ()
         self.scale = 1.0
+        self._resident: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.alpha = self._read_alpha() if "alpha" in self.keys else default_alpha
         if self.alpha is not None and not math.isfinite(self.alpha):  # e.g. NaN from a PEFT config
             raise self._fail(f"alpha {self.alpha} is not a finite number", "alpha")
@@ -64,6 +76,11 @@ class AdapterModule:
             self.uses_weight = True
 
     # ---- detection -------------------------------------------------------------------------
+    @classmethod
+    def all_suffixes(cls) -> dict[str, str]:
+        """Every suffix this algorithm reads: its own, alpha, and DoRA's where it supports it."""
+        return {**cls.suffixes, **COMMON_SUFFIXES, **(DORA_SUFFIXES if cls.supports_dora else {})}
+
     @classmethod
     def claims(cls, roles: set[str], shape_of) -> bool:
         """True when these roles (and, if needed, their shapes) are this algorithm's."""
@@ -81,25 +98,42 @@ class AdapterModule:
     def _has(self, role: str) -> bool:
         return role in self.keys
 
-    def _t(self, role: str) -> torch.Tensor:
-        """A factor as float32 (the one precision all delta math uses)."""
-        return self.source[self.keys[role]].to(torch.float32)
+    def _t(self, role: str, device=None) -> torch.Tensor:
+        """A factor as float32 (the one precision all delta math uses) on ``device``.
+
+        On the CPU it is read from the file each time; on any other device it is moved
+        there once and kept, so a patch never re-uploads it (``release`` drops the copies).
+        """
+        device = _device(device)
+        if device.type == "cpu":
+            return self.source[self.keys[role]].to(torch.float32)
+        kept = self._resident.get((role, device))
+        if kept is None:
+            kept = self._resident[(role, device)] = self.source[self.keys[role]].to(device, torch.float32)
+        return kept
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of factors kept on devices other than the CPU."""
+        return sum(t.numel() * t.element_size() for t in self._resident.values())
+
+    def release(self, device=None) -> None:
+        """Drop the factors kept on ``device`` (every device when None)."""
+        for key in [k for k in self._resident if device is None or k[1] == torch.device(device)]:
+            del self._resident[key]
 
     def _fail(self, message: str, role: str | None = None) -> AdapterFormatError:
         key = self.keys.get(role) if role else None
         return AdapterFormatError(self.source.name, message, key or next(iter(self.keys.values()), None))
 
-    def _finite(self, delta: torch.Tensor) -> torch.Tensor:
-        """Finite factors can still multiply past float32's range: refuse, never patch Inf/NaN.
-
-        One reduction, no temporary: any Inf/NaN element makes the sum non-finite.
-        """
-        if not math.isfinite(float(delta.sum())):
+    def check_finite(self, delta: torch.Tensor) -> torch.Tensor:
+        """Finite factors can still multiply past float32's range: refuse, never patch Inf/NaN."""
+        if not is_finite(delta):
             raise self._fail("delta is not finite: factors or alpha too large for float32")
         return delta
 
     def _read_alpha(self) -> float | None:
-        if prod(self._shape("alpha")) != 1:
+        if math.prod(self._shape("alpha")) != 1:
             raise self._fail(f"alpha must be a scalar, got shape {self._shape('alpha')}", "alpha")
         return float(self._t("alpha").reshape(()))
 
@@ -119,12 +153,20 @@ class AdapterModule:
         """Check factor shapes against each other; set rank, scale and shape."""
         raise NotImplementedError
 
-    def _raw_delta(self, weight: torch.Tensor | None) -> torch.Tensor:
-        """float32 delta at strength 1 before DoRA, shaped like self.shape or weight."""
+    def _raw_delta(self, weight: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """float32 delta at strength 1 before DoRA, shaped like self.shape or weight, on ``device``.
+
+        The tiled algorithms assemble it from ``row_fill``, so it has the patch kernel's bits.
+        """
+        return assemble(self.shape[0], math.prod(self.shape) // max(self.shape[0], 1),
+                        self.row_fill(device), device).reshape(self.shape)
+
+    def row_fill(self, device=None) -> RowFill:
+        """Writes rows of the raw delta (before DoRA) into a tile on ``device``; only when ``tiled``."""
         raise NotImplementedError
 
-    def row_fill(self) -> RowFill:
-        """Writes rows of the raw delta (before DoRA) into a tile; only when ``tiled``."""
+    def reference_delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The algorithm's formula written plainly (no tiles), for tests to compare the fast path with."""
         raise NotImplementedError
 
     @property
@@ -137,35 +179,22 @@ class AdapterModule:
         """The patch engine may build this delta tile by tile while it patches (``delta_fill``)."""
         return self.tiled and (not self.uses_weight or self._dora_rows)
 
-    def delta_fill(self, weight: torch.Tensor | None) -> RowFill:
+    def delta_fill(self, weight: torch.Tensor | None, device=None) -> RowFill:
         """Writes rows of ``delta(weight)`` into a tile; only when ``streams``.
 
-        ``weight`` is the original weight (any dtype, rows first), needed by DoRA only.
+        ``weight`` is the original weight (any dtype, rows first, on the tile's device),
+        needed by DoRA only.
         """
-        raw = self.row_fill()
+        device = weight.device if weight is not None else _device(device)
+        raw = self.row_fill(device)
         if not self.dora:
             return raw
         rows = weight.shape[0]
         w0 = weight.reshape(rows, weight.numel() // max(rows, 1))
-        scale = self._dora_scale(w0.shape[0]).reshape(-1, 1)
-        eps = torch.finfo(torch.float32).eps
+        return dora.row_fill(raw, w0, self._dora_scale(rows, device))
 
-        def fill(start, stop, out):
-            raw(start, stop, out)
-            base = WORKSPACE.take("w0", out.shape)
-            base.copy_(w0[start:stop])
-            merged = out.add_(base)
-            norm = merged.norm(dim=1, keepdim=True)
-            merged.mul_(scale[start:stop] / (norm + eps)).sub_(base)
-
-        return fill
-
-    def _tiled_delta(self) -> torch.Tensor:
-        rows = self.shape[0]
-        return assemble(rows, prod(self.shape) // max(rows, 1), self.row_fill()).reshape(self.shape)
-
-    def bias_delta(self) -> torch.Tensor | None:
-        """float32 bias delta at strength 1, for algorithms that carry one."""
+    def bias_delta(self, device=None) -> torch.Tensor | None:
+        """float32 bias delta at strength 1 on ``device``, for algorithms that carry one."""
         return None
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -183,11 +212,11 @@ class AdapterModule:
     # ---- sizes ---------------------------------------------------------------------------
     @property
     def num_params(self) -> int:
-        return sum(prod(self._shape(r)) for r in self.keys if r != "alpha")
+        return sum(math.prod(self._shape(r)) for r in self.keys if r != "alpha")
 
     @property
     def dense_params(self) -> int:
-        return prod(self.shape)
+        return math.prod(self.shape)
 
     def fits(self, weight_shape) -> bool:
         """Can this module patch a weight of that shape?"""
@@ -196,7 +225,7 @@ class AdapterModule:
             return True
         if not weight_shape or not self.shape or self.shape[0] != weight_shape[0]:
             return False
-        if prod(self.shape) != prod(weight_shape):
+        if math.prod(self.shape) != math.prod(weight_shape):
             return False
         # linear delta on a 1x1 conv, or a flattened conv delta (out, in*kh*kw)
         return len(self.shape) == 2 or all(d == 1 for d in self.shape[2:])
@@ -210,27 +239,39 @@ class AdapterModule:
             raise ValueError(f"{self.name}: adapter shape {self.shape} does not fit weight {tuple(weight.shape)}")
 
     # ---- public math ---------------------------------------------------------------------
-    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 ΔW at strength 1, shaped like the target weight (or self.shape)."""
+    def raw_delta(self, weight: torch.Tensor | None = None, device=None) -> torch.Tensor:
+        """float32 ΔW at strength 1 on the weight's device (or ``device``), not checked for finiteness.
+
+        The patch kernel uses this and checks the whole sum once; callers outside it use ``delta``.
+        """
         self._check_weight(weight)
-        if self.streams and weight is not None and self.dora:  # DoRA by rows: the patch engine's tiles
+        device = weight.device if weight is not None else _device(device)
+        if self.streams and weight is not None and self.dora:  # DoRA by rows: the patch kernel's tiles
             rows = weight.shape[0]
-            delta = assemble(rows, weight.numel() // max(rows, 1), self.delta_fill(weight))
-            return self._finite(delta.reshape(weight.shape))
+            return assemble(rows, weight.numel() // max(rows, 1), self.delta_fill(weight), device).reshape(weight.shape)
         w0 = None if weight is None else weight.to(torch.float32)
-        raw = self._raw_delta(w0)
+        raw = self._raw_delta(w0, device)
         if w0 is not None:
             raw = raw.reshape(w0.shape)
         if self.dora:
-            return self._finite(self._dora_delta(w0, raw))
-        return self._finite(raw)
+            axis_len = w0.shape[0] if self.dora_axis == "out" else w0.shape[1]
+            return dora.merge_into(raw, w0, self._dora_scale(axis_len, device), self.dora_axis)
+        return raw
 
-    def strength_delta(self, weight: torch.Tensor | None, strength: float) -> torch.Tensor:
-        """float32 W'(s) - W0: strength times ΔW for everything linear in strength."""
-        return self.delta(weight) * float(strength)
+    def delta(self, weight: torch.Tensor | None = None, device=None) -> torch.Tensor:
+        """float32 ΔW at strength 1, shaped like the target weight (or self.shape), checked finite."""
+        return self.check_finite(self.raw_delta(weight, device))
+
+    def raw_strength_delta(self, weight: torch.Tensor | None, strength: float, device=None) -> torch.Tensor:
+        """float32 W'(s) - W0, unchecked: strength times ΔW for everything linear in strength."""
+        return self.raw_delta(weight, device) * float(strength)  # never in place: it may be a kept factor
+
+    def strength_delta(self, weight: torch.Tensor | None, strength: float, device=None) -> torch.Tensor:
+        """float32 W'(s) - W0, checked finite."""
+        return self.check_finite(self.raw_strength_delta(weight, strength, device))
 
     def apply(self, weight: torch.Tensor, strength: float = 1.0, key: str | None = None) -> torch.Tensor:
-        """The patched weight in weight's dtype: float32 math, one rounding.
+        """The patched weight in weight's dtype and device: float32 math, one rounding.
 
         ``key`` seeds the stochastic rounding of fp8 weights (as the patch engine does).
         """
@@ -248,39 +289,16 @@ class AdapterModule:
     def _validate_dora(self) -> None:
         shape = self._shape("dora_scale")
         out = self.shape[0] if self.shape else None
-        if "lora_magnitude_vector" in self.keys["dora_scale"]:
-            # PEFT's magnitude is always per output channel, but conv layers save it
-            # (1, out, 1, 1): read by shape alone it looks like LyCORIS's input axis.
-            self.dora_axis = "out"
-            if out is not None and prod(shape) != out:
-                raise self._fail(f"magnitude shape {shape} does not match {out} output rows", "dora_scale")
-        elif len(shape) == 1 or (len(shape) >= 2 and prod(shape[1:]) == 1 and (shape[0] != 1 or out == 1)):
-            self.dora_axis = "out"
-            if out is not None and shape[0] != out:
-                raise self._fail(f"dora_scale shape {shape} does not match {out} output rows", "dora_scale")
-        elif len(shape) >= 2 and shape[0] == 1:
-            self.dora_axis = "in"
-        else:
-            raise self._fail(f"dora_scale shape {shape} is neither (out, 1, ...) nor (1, in, ...)", "dora_scale")
+        peft = "lora_magnitude_vector" in self.keys["dora_scale"]
+        axis = dora.axis_of(shape, out, peft)
+        if axis is None:
+            what = "magnitude" if peft else "dora_scale"
+            raise self._fail(f"{what} shape {shape} is neither (out, 1, ...) matching {out} output rows "
+                             "nor (1, in, ...)", "dora_scale")
+        self.dora_axis = axis
 
-    def _dora_delta(self, w0: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """Magnitude re-normalised by ‖W0 + ΔW‖ along the axis dora_scale was trained on, minus W0.
-
-        Works in place in ``raw`` (a fresh tensor from ``_raw_delta``): no other full-size temporary.
-        """
-        merged = raw.add_(w0)
-        eps = torch.finfo(torch.float32).eps
-        if self.dora_axis == "out":
-            norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
-            view = (merged.shape[0],) + (1,) * (merged.dim() - 1)
-        else:
-            norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-            view = (1, merged.shape[1]) + (1,) * (merged.dim() - 2)
-        scale = self._dora_scale(prod(view)).reshape(view)
-        return merged.mul_(scale / (norm.reshape(view) + eps)).sub_(w0)
-
-    def _dora_scale(self, channels: int) -> torch.Tensor:
-        scale = self._t("dora_scale")
+    def _dora_scale(self, channels: int, device=None) -> torch.Tensor:
+        scale = self._t("dora_scale", device)
         if scale.numel() != channels:  # the header check cannot know the weight's layout
             raise self._fail(f"dora_scale {tuple(scale.shape)} does not match the weight's {channels} "
                              f"{self.dora_axis}put channels", "dora_scale")
@@ -299,4 +317,3 @@ class AdapterModule:
             f"<{type(self).__name__} {self.name!r} {self.describe()} rank={self.rank} "
             f"alpha={self.alpha} shape={self.shape}>"
         )
-

@@ -1,15 +1,30 @@
-"""LoHa: ΔW = (α/r)·(w1a·w1b) ⊙ (w2a·w2b); in Tucker form each half is t ×₁ a ×₂ b."""
+"""LoHa: ΔW = (α/r)·(w1a·w1b) ⊙ (w2a·w2b); in Tucker form each half is t ×₁ a ×₂ b.
+
+Reference::
+
+    half(n) = w{n}a @ w{n}b                                   # plain
+    half(n) = einsum("ij…,ip,jr->pr…", t{n}, w{n}a, w{n}b)    # Tucker
+    delta = scale * half(1) * half(2)
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..tiles import WORKSPACE
+from ..numerics.tiles import WORKSPACE
 from .base import AdapterModule
 
 
 class LoHa(AdapterModule):
     algo = "loha"
+    suffixes = {
+        ".hada_w1_a": "hada_w1_a",
+        ".hada_w1_b": "hada_w1_b",
+        ".hada_w2_a": "hada_w2_a",
+        ".hada_w2_b": "hada_w2_b",
+        ".hada_t1": "hada_t1",
+        ".hada_t2": "hada_t2",
+    }
     required = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     supports_dora = True
     optional = ("hada_t1", "hada_t2")
@@ -43,30 +58,36 @@ class LoHa(AdapterModule):
         if w2b[0] <= 0:
             raise self._fail(f"rank must be positive, got {w2b[0]}", "hada_w2_b")
 
-    def _raw_delta(self, weight):
-        return self._tiled_delta()
-
-    def _half(self, n: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _half(self, n: int, scale: float = 1.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with A (out, r) and B (r, in·k...) so that rows of half n are rows of A @ B.
 
         Tucker: t ×₁ a ×₂ b = aᵀ @ (t ×₂ b), the core joined with b once.
         """
-        a, b = self._t(f"hada_w{n}_a") * scale, self._t(f"hada_w{n}_b")
+        a, b = self._t(f"hada_w{n}_a", device) * scale, self._t(f"hada_w{n}_b", device)
         if not self.tucker:
             return a, b
-        core = torch.einsum("ij...,jr->ir...", self._t(f"hada_t{n}"), b).flatten(1)
+        core = torch.einsum("ij...,jr->ir...", self._t(f"hada_t{n}", device), b).flatten(1)
         return a.t().contiguous(), core
 
-    def row_fill(self):
+    def row_fill(self, device=None):
         # scale folded into a small factor; the Hadamard product in place in the tile
-        a1, b1 = self._half(1, self.scale)
-        a2, b2 = self._half(2)
+        a1, b1 = self._half(1, self.scale, device)
+        a2, b2 = self._half(2, 1.0, device)
 
         def fill(start, stop, out):
             torch.mm(a1[start:stop], b1, out=out)
-            out.mul_(torch.mm(a2[start:stop], b2, out=WORKSPACE.take("hadamard", out.shape)))
+            out.mul_(torch.mm(a2[start:stop], b2, out=WORKSPACE.take("hadamard", out.shape, out.device)))
 
         return fill
+
+    def reference_delta(self, weight=None):
+        def half(n):
+            a, b = self._t(f"hada_w{n}_a").double(), self._t(f"hada_w{n}_b").double()
+            if self.tucker:
+                return torch.einsum("ij...,ip,jr->pr...", self._t(f"hada_t{n}").double(), a, b)
+            return a @ b
+
+        return (self.scale * half(1) * half(2)).reshape(self.shape)
 
     def low_rank_factors(self):
         """Khatri–Rao factors: (A1 B1) ⊙ (A2 B2) = U V with U (out, r1·r2) the row-wise and

@@ -1,18 +1,40 @@
-"""LoKr: ΔW = s·kron(w1, w2), each factor full, low-rank, or (w2) Tucker.
+"""LoKr: ΔW = s·kron(w1, w2), each factor full, low-rank (a @ b), or (w2) Tucker.
 
 Scale trap: s = α/r with r from a decomposed factor; when both factors are full
-LyCORIS forces α = r, so s = 1 whatever alpha the file stores.
+LyCORIS forces α = r, so s = 1 whatever alpha the file stores.  Rank rule, for files
+whose two factors are both decomposed with different ranks (LyCORIS never writes one,
+a hand-made file can): r is w1's inner size (``w1_b.shape[0]``), as LyCORIS's own
+loader reads it (``make_module_from_state_dict`` looks at ``w1a.size(1)`` first); only
+a full w1 takes the rank from w2 (``w2_b.shape[0]``, which is the rank in the plain and
+the Tucker form alike).
+
+Reference::
+
+    w1 = w1 or w1_a @ w1_b
+    w2 = w2 or w2_a @ w2_b or einsum("ij…,ip,jr->pr…", t2, w2_a, w2_b)
+    delta = s * kron(w1, w2)          # w1 as (a, c, 1, 1…) for conv w2
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import AdapterModule, prod
+from .base import AdapterModule
 
 
 class LoKr(AdapterModule):
     algo = "lokr"
+    suffixes = {
+        ".lokr_w1": "lokr_w1",
+        ".lokr_w1_a": "lokr_w1_a",
+        ".lokr_w1_b": "lokr_w1_b",
+        ".lokr_w2": "lokr_w2",
+        ".lokr_w2_a": "lokr_w2_a",
+        ".lokr_w2_b": "lokr_w2_b",
+        ".lokr_t2": "lokr_t2",
+    }
     cheap_delta = True
     tiled = True
     required = ()
@@ -61,33 +83,32 @@ class LoKr(AdapterModule):
     def _validate(self) -> None:
         w1, w2 = self._w1_shape(), self._w2_shape()
         self.shape = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
-        rank_role = "lokr_w2_b" if self._has("lokr_w2_b") else "lokr_w1_b" if self._has("lokr_w1_b") else None
-        if rank_role is None:
+        # the inner size of a decomposed factor; w1's first, as LyCORIS reads it (module docstring)
+        rank_role = "lokr_w1_b" if self._has("lokr_w1_b") else "lokr_w2_b" if self._has("lokr_w2_b") else None
+        if rank_role is not None:
+            self._set_rank_scale(self._shape(rank_role)[0], rank_role)
+        else:
             self.rank = None  # both full: scale 1, alpha ignored
             self.scale = 1.0
-        else:
-            self._set_rank_scale(self._shape(rank_role)[0], rank_role)
-        if self._has("lokr_w1_b") and self._shape("lokr_w1_b")[0] <= 0:
-            raise self._fail("rank must be positive, got 0", "lokr_w1_b")
+        for role in ("lokr_w1_b", "lokr_w2_b"):
+            if self._has(role) and self._shape(role)[0] <= 0:
+                raise self._fail("rank must be positive, got 0", role)
 
-    def _factor(self, which: str) -> torch.Tensor:
+    def _factor(self, which: str, device=None) -> torch.Tensor:
         if self._has(f"lokr_{which}"):
-            return self._t(f"lokr_{which}")
-        a, b = self._t(f"lokr_{which}_a"), self._t(f"lokr_{which}_b")
+            return self._t(f"lokr_{which}", device)
+        a, b = self._t(f"lokr_{which}_a", device), self._t(f"lokr_{which}_b", device)
         if which == "w2" and self.tucker:
-            return torch.einsum("ij...,ip,jr->pr...", self._t("lokr_t2"), a, b)
+            return torch.einsum("ij...,ip,jr->pr...", self._t("lokr_t2", device), a, b)
         return a @ b
 
-    def _raw_delta(self, weight):
-        return self._tiled_delta()
-
-    def row_fill(self):
+    def row_fill(self, device=None):
         """Rows of kron(w1, w2): row i1·b + i2 is w1[i1] ⊗ w2[i2], one product per element
         (the same bits as ``torch.kron``): the tile's whole blocks of b rows in one broadcast
         product, a partial block at either end on its own."""
-        w1 = self._factor("w1") * self.scale  # scale on the small block
-        w2 = self._factor("w2")
-        b, c, dk = w2.shape[0], w1.shape[1], prod(w2.shape[1:])
+        w1 = self._factor("w1", device) * self.scale  # scale on the small block
+        w2 = self._factor("w2", device)
+        b, c, dk = w2.shape[0], w1.shape[1], math.prod(w2.shape[1:])
         w1 = w1.reshape(w1.shape[0], c, 1)
         w2 = w2.reshape(b, 1, dk)  # sizes spelled out: a hostile file may have a zero-size factor
 
@@ -112,6 +133,11 @@ class LoKr(AdapterModule):
                 part(last * b, stop, view[last * b - start :])
 
         return fill
+
+    def reference_delta(self, weight=None):
+        w1, w2 = self._factor("w1").double(), self._factor("w2").double()
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        return self.scale * torch.kron(w1, w2)
 
     def low_rank_factors(self):
         """kron(w1, w2) as U V through kron(AB, CD) = kron(A, C) kron(B, D).

@@ -6,28 +6,36 @@ Rotations act on the output rows of W0, then the optional ``rescale`` multiplies
 them.  Strength s moves every rotation and the rescale from identity toward the
 trained value (R → I + s(R-I)), so s = 0 leaves W0 exactly and s = 1 matches
 LyCORIS.  That is not linear in s, hence ``linear_in_strength = False``.
+
+Reference (Diag-OFT; BOFT chains butterfly-permuted stages of the same)::
+
+    R_k = (I + Q_k)(I - Q_k)⁻¹,  Q_k = B_k - B_kᵀ  (scaled to norm ≤ alpha·out)
+    w = blockdiag(R_1ᵀ … R_n)ᵀ-mixed rows of w0, times rescale
+    delta = w - w0
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import AdapterModule, prod
+from .base import AdapterModule
 
 
 def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     """Rotations from skew parts of ``blocks`` (..., b, b), norm-clamped as LyCORIS does."""
     q = blocks - blocks.transpose(-1, -2)
-    if constraint > 0:
+    if constraint > 0:  # shrink to the constraint, on the device: no host sync to compare
         q_norm = torch.linalg.vector_norm(q) + 1e-8
-        if q_norm > constraint:
-            q = q * (constraint / q_norm)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+        q = q * (constraint / q_norm).clamp(max=1.0)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     # (I + Q) @ inverse(I - Q), solved rather than inverted
     return torch.linalg.solve(eye - q, eye + q, left=False)
 
 
 class _Orthogonal(AdapterModule):
+    suffixes = {".oft_blocks": "oft_blocks", ".rescale": "rescale"}
     optional = ("rescale",)
     uses_weight = True
     linear_in_strength = False
@@ -38,7 +46,7 @@ class _Orthogonal(AdapterModule):
     def _check_rescale(self) -> None:
         if self._has("rescale"):
             r = self._shape("rescale")
-            if not r or r[0] != self.shape[0] or prod(r) != self.shape[0]:
+            if not r or r[0] != self.shape[0] or math.prod(r) != self.shape[0]:
                 raise self._fail(f"rescale {r} does not match {self.shape[0]} output rows", "rescale")
 
     def fits(self, weight_shape) -> bool:
@@ -51,19 +59,19 @@ class _Orthogonal(AdapterModule):
     def _rescaled(self, rotated: torch.Tensor, strength: float) -> torch.Tensor:
         if not self._has("rescale"):
             return rotated
-        rescale = self._t("rescale").reshape(rotated.shape[0], *([1] * (rotated.dim() - 1)))
+        rescale = self._t("rescale", rotated.device).reshape(rotated.shape[0], *([1] * (rotated.dim() - 1)))
         return rotated * (1 + strength * (rescale - 1))
 
-    def _raw_delta(self, weight):
-        return self._rotate(weight, 1.0) - weight
-
-    def strength_delta(self, weight, strength):
+    def raw_strength_delta(self, weight, strength, device=None):
         self._check_weight(weight)
         w0 = weight.to(torch.float32)
-        return self._finite(self._rotate(w0, float(strength)) - w0)
+        return self._rotate(w0, float(strength)) - w0
 
-    def delta(self, weight=None):
-        return self.strength_delta(weight, 1.0)
+    def raw_delta(self, weight=None, device=None):
+        return self.raw_strength_delta(weight, 1.0, device)
+
+    def reference_delta(self, weight=None):
+        return (self._rotate(weight.double(), 1.0, torch.float64) - weight.double())
 
 
 class DiagOFT(_Orthogonal):
@@ -82,16 +90,22 @@ class DiagOFT(_Orthogonal):
         self.shape = (blocks[0] * blocks[1],)
         self._check_rescale()
 
-    def _rotate(self, w0: torch.Tensor, strength: float) -> torch.Tensor:
-        blocks = self._t("oft_blocks")
+    def _rotate(self, w0: torch.Tensor, strength: float, dtype=torch.float32) -> torch.Tensor:
+        blocks = self._t("oft_blocks", w0.device).to(dtype)
         n, b, _ = blocks.shape
         rot = cayley(blocks, self._constraint())
-        eye = torch.eye(b)
+        eye = torch.eye(b, dtype=dtype, device=w0.device)
         rot = eye + strength * (rot - eye)
         w = w0.reshape(n, b, *w0.shape[1:])
         # each block of output rows is mixed by Rᵀ
         out = torch.einsum("knm,kn...->km...", rot, w).reshape(w0.shape)
         return self._rescaled(out, strength)
+
+
+    def reference_delta(self, weight=None):
+        w0 = weight.double()
+        rot = torch.block_diag(*cayley(self._t("oft_blocks").double(), self._constraint()))
+        return self._rescaled((rot.T @ w0.flatten(1)).reshape(w0.shape), 1.0) - w0
 
 
 class BOFT(_Orthogonal):
@@ -113,11 +127,11 @@ class BOFT(_Orthogonal):
         self.shape = (n * b,)
         self._check_rescale()
 
-    def _rotate(self, w0: torch.Tensor, strength: float) -> torch.Tensor:
-        blocks = self._t("oft_blocks")
+    def _rotate(self, w0: torch.Tensor, strength: float, dtype=torch.float32) -> torch.Tensor:
+        blocks = self._t("oft_blocks", w0.device).to(dtype)
         stages, _n, b, _ = blocks.shape
         rots = cayley(blocks, self._constraint())
-        eye = torch.eye(b)
+        eye = torch.eye(b, dtype=dtype, device=w0.device)
         half = b // 2
         x = w0
         for i in range(stages):

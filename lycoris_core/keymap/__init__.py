@@ -7,7 +7,8 @@ architectures and `mapping` decides per module. Pure python over names and shape
 """
 
 from .detect import ModelLayout, detect_adapter, detect_model
-from .mapping import MatchReport, Target, map_adapter
+from .mapping import MatchReport, Target, block_order, map_adapter
+from .names import kohya_name
 from .sd_layouts import ARCHITECTURES, diffusers_to_ldm, modules
 from .spaces import SPACES, state_shapes
 
@@ -17,8 +18,10 @@ __all__ = [
     "MatchReport",
     "ModelLayout",
     "Target",
+    "block_order",
     "detect_adapter",
     "detect_model",
+    "kohya_name",
     "diffusers_to_ldm",
     "map_adapter",
     "modules",

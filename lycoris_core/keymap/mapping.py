@@ -77,7 +77,7 @@ class MatchReport:
 
     def blocks_touched(self) -> list[str]:
         blocks = {t.block for t in self.targets.values() if t.block}
-        return sorted(blocks, key=_block_order)
+        return sorted(blocks, key=block_order)
 
     def summary(self) -> str:
         return f"{self.adapter_arch} adapter on {self.model_arch} model: {self._tally()}"
@@ -92,7 +92,7 @@ class MatchReport:
     def details(self) -> str:
         lines = [self.summary(), f"model: {self.model.describe()}"]
         per_block = Counter(t.block or "none" for t in self.targets.values())
-        order = sorted(per_block, key=lambda b: _block_order(b) if b != "none" else (9, 0))
+        order = sorted(per_block, key=block_order)
         lines.append("blocks: " + (", ".join(f"{b} {per_block[b]}" for b in order) or "none"))
         for module, key, mshape, wshape in self.mismatched:
             lines.append(f"shape mismatch: {module} -> {key}: module {mshape}, weight {wshape}")
@@ -101,14 +101,14 @@ class MatchReport:
         return "\n".join(lines)
 
 
-def _block_order(block: str) -> tuple[int, int]:
+def block_order(block: str) -> tuple[int, int, str]:
+    """Sort key of a block ID: BASE, IN.., M.., OUT.., then any other ID by name."""
     if block == "BASE":
-        return (0, 0)
-    if block == "M00":
-        return (2, 0)
-    if block.startswith("IN"):
-        return (1, int(block[2:]))
-    return (3, int(block[3:]))
+        return (0, 0, block)
+    for rank, prefix in ((1, "IN"), (2, "M"), (3, "OUT")):
+        if block.startswith(prefix) and block[len(prefix):].isdigit():
+            return (rank, int(block[len(prefix):]), block)
+    return (9, 0, block)
 
 
 def _seen_shape(slot: Slot, table: SpaceTable, part: str, stored: Shape) -> Shape | None:

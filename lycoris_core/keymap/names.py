@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from .sd_layouts import modules
+from .sd_layouts import modules, spec_index
 
 Candidate = tuple[str, str]  # (part, canonical module name)
 
@@ -86,3 +86,14 @@ def resolve(name: str, arch: str) -> tuple[list[Candidate], tuple[str, ...]]:
         if found:
             return found, parts
     return [], declared or ()
+
+
+def kohya_name(arch: str, part: str, canonical: str) -> str:
+    """The kohya module name of a canonical (part, name): SD1/SD2 UNet names follow diffusers,
+    SDXL's follow SGM; text encoders are lora_te_ (one TE) or lora_te1_/lora_te2_."""
+    if part == "unet":
+        if arch == "sdxl":  # SGM names
+            canonical = spec_index(arch)[(part, canonical)].ldm or canonical
+        return "lora_unet_" + canonical.replace(".", "_")
+    prefix = "lora_te_" if arch != "sdxl" else ("lora_te1_" if part == "te1" else "lora_te2_")
+    return prefix + canonical.replace(".", "_")

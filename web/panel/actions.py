@@ -15,10 +15,13 @@ from pathlib import Path
 import pandas as pd
 
 from lycoris_core import load_adapter
-from lycoris_core.keymap import detect_adapter, detect_model, map_adapter, state_shapes
-from lycoris_core.metadata import base_model as claimed_base_model
-from lycoris_core.metadata import preview_image, trigger_words
-from lycoris_core.reader import read_safetensors_header
+from lycoris_core.adapter.describe import block_norms, describe, module_rows
+from lycoris_core.adapter.metadata import preview_image
+from lycoris_core.io.reader import read_safetensors_header
+from lycoris_core.keymap import detect_model, map_adapter
+from lycoris_core.tools.bake import bake_checkpoint
+from lycoris_core.tools.common import MergeInput
+from lycoris_core.tools.merge import convert_adapter, merge_adapters, resize_adapter
 
 from .folders import Folders, PanelError
 
@@ -61,24 +64,6 @@ class Preview:
     block_order: list[str] = field(default_factory=list)
 
 
-def _block_map(adapter) -> tuple[str, dict[str, str]]:
-    """Adapter architecture and module -> block id, from the key map's own table for it."""
-    arch = detect_adapter(adapter.modules)
-    if arch == "unknown":
-        return arch, {}
-    report = map_adapter(adapter.modules, state_shapes(arch, "checkpoint"), allow_partial=True)
-    return arch, {name: t.block or "other" for name, t in report.targets.items()}
-
-
-def _block_key(block: str) -> tuple[int, int, str]:
-    if block == "BASE":
-        return (0, 0, block)
-    for rank, prefix in ((1, "IN"), (2, "M"), (3, "OUT")):
-        if block.startswith(prefix) and block[len(prefix):].isdigit():
-            return (rank, int(block[len(prefix):]), block)
-    return (9, 0, block)
-
-
 def preview(folders: Folders, name, progress=no_progress) -> Preview:
     path = folders.resolve("lora", name)
     adapter = load_adapter(path)
@@ -89,73 +74,40 @@ def preview(folders: Folders, name, progress=no_progress) -> Preview:
 
 
 def _preview(folders: Folders, path: Path, adapter, progress) -> Preview:
-    modules = adapter.modules
-    params = adapter.num_params
-    dense = sum(m.dense_params for m in modules.values())
-    arch, blocks = _block_map(adapter)
-    base_model = claimed_base_model(adapter.metadata)
-
-    module_rows = []
-    norms: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    needs_weight = 0
-    total = len(modules)
-    for i, (mname, m) in enumerate(modules.items()):
-        block = blocks.get(mname, "unmapped")
-        module_rows.append({
-            "module": mname,
-            "algorithm": m.describe(),
-            "rank": m.rank if m.rank is not None else "",
-            "alpha": "" if m.alpha is None else round(float(m.alpha), 4),
-            "shape": "×".join(str(d) for d in m.shape),
-            "params": m.num_params,
-            "dense": m.dense_params,
-            "share": f"{m.num_params / m.dense_params:.1%}" if m.dense_params else "",
-            "block": block,
-        })
-        if m.uses_weight:  # the delta depends on the model's weight; a preview never loads one
-            needs_weight += 1
-        else:
-            norm = float(m.delta().norm())
-            norms[block] = math.hypot(norms.get(block, 0.0), norm)
-            counts[block] = counts.get(block, 0) + 1
-        progress(i + 1, total, "ΔW norms")
-
-    order = sorted(norms, key=_block_key)
-    block_df = pd.DataFrame(
-        {"block": order, "dw_norm": [round(norms[b], 6) for b in order], "modules": [counts[b] for b in order]}
-    )
+    facts = describe(adapter)
+    norms = block_norms(adapter, progress)
+    order = list(norms.norms)
+    block_df = pd.DataFrame({"block": order, "dw_norm": [round(norms.norms[b], 6) for b in order],
+                             "modules": [norms.modules[b] for b in order]})
     meta_df = pd.DataFrame(
         [{"key": k, "value": v if len(v) <= MAX_METADATA_CHARS else v[: MAX_METADATA_CHARS - 3] + "..."}
          for k, v in sorted(adapter.metadata.items())],
         columns=["key", "value"],
     )
-    algos = ", ".join(f"{k} ×{v}" for k, v in sorted(adapter.algorithms().items(), key=lambda kv: -kv[1]))
-    ranks = ", ".join(f"{k} ×{v}" for k, v in sorted(adapter.ranks().items())) or "–"
+    params, dense = facts.parameters, facts.dense_parameters
     lines = [
         f"### {_md_escape(path.name)}",
         "| field | value |",
         "|---|---|",
         f"| file | `{_md_escape(path.relative_to(folders.loras.resolve()).as_posix())}` ({human_size(path.stat().st_size)}) |",
-        f"| architecture | **{arch}** (detected from module names and shapes)"
-        + (f"; header says `{_md_escape(base_model)}`" if base_model else "") + " |",
-        f"| modules | {len(modules)} ({algos}) |",
-        f"| ranks | {ranks} |",
+        f"| architecture | **{facts.architecture}** (detected from module names and shapes)"
+        + (f"; header says `{_md_escape(facts.base_model)}`" if facts.base_model else "") + " |",
+        f"| modules | {facts.modules} ({_counted(facts.algorithms)}) |",
+        f"| ranks | {_counted(facts.ranks)} |",
         f"| parameters | {params:,} of {dense:,} dense ({params / dense:.2%}) |" if dense else f"| parameters | {params:,} |",
-        f"| alpha | {', '.join(f'{k:g} ×{v}' for k, v in sorted(adapter.alphas().items())) or '–'}"
-        + (f" (from {_md_escape(adapter.alpha_source)})" if adapter.alpha_source else "") + " |",
-        f"| unknown keys | {len(adapter.unknown_reasons)} |",
+        f"| alpha | {_counted(facts.alpha)}" + (f" (from {_md_escape(facts.alpha_source)})" if facts.alpha_source else "")
+        + " |",
+        f"| unknown keys | {facts.unknown_keys} |",
     ]
-    if needs_weight:
-        lines.append(f"\n{needs_weight} module(s) need the model's weights for their ΔW and are left out of the chart.")
+    if norms.needs_weight:
+        lines.append(f"\n{norms.needs_weight} module(s) need the model's weights for their ΔW and are left out of the chart.")
     if adapter.unknown_reasons:
         shown = adapter.unknown_keys[:10]
         lines.append("\nNot understood: " + "; ".join(f"`{_md_escape(k)}` ({adapter.unknown_reasons[k]})" for k in shown)
                      + (" ..." if len(adapter.unknown_reasons) > 10 else ""))
 
-    words = trigger_words(adapter.metadata, path)
-    if words:
-        triggers = "**Trigger words:** " + ", ".join(f"`{_md_escape(w)}`" for w in words)
+    if facts.trigger_words:
+        triggers = "**Trigger words:** " + ", ".join(f"`{_md_escape(w)}`" for w in facts.trigger_words)
         triggers += "  \n<small>from a sidecar .txt/.json, modelspec.trigger_phrase, then the most frequent training tags</small>"
     else:
         triggers = "**Trigger words:** none found in the header or beside the file."
@@ -163,7 +115,11 @@ def _preview(folders: Folders, path: Path, adapter, progress) -> Preview:
     image = preview_image(path)
     if image is not None and not _inside_folder(image, folders.loras):
         image = None
-    return Preview("\n".join(lines), triggers, meta_df, pd.DataFrame(module_rows), block_df, image, order)
+    return Preview("\n".join(lines), triggers, meta_df, pd.DataFrame(module_rows(adapter)), block_df, image, order)
+
+
+def _counted(counts: dict) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in counts.items()) or "–"
 
 
 def _inside_folder(path: Path, root: Path) -> bool:
@@ -244,8 +200,6 @@ def _strength(value, what: str) -> float:
 
 def parse_inputs(folders: Folders, rows):
     """The adapter rows of the page, validated, as the engine's MergeInput list."""
-    from lycoris_core.merge import MergeInput
-
     inputs = []
     for row in _rows(rows):
         row = list(row) + [None] * (4 - len(row))
@@ -318,20 +272,18 @@ def run_job(folders: Folders, action: str, rows, *, checkpoint=None, rank_mode="
         used = tuple(Path(i.path) for i in inputs) + ((ckpt,) if ckpt else ())
         out_path = folders.output(out_kind, output_name, bool(overwrite), used)
 
+    target = None if out_path is None else str(out_path)
     if action == "bake":
-        from lycoris_core.bake import bake_checkpoint
-
-        report = bake_checkpoint(str(ckpt), inputs, None if out_path is None else str(out_path),
-                                 dtype=None if dtype == "keep" else dtype, dry_run=dry_run,
-                                 overwrite=bool(overwrite), progress=progress)
+        report = bake_checkpoint(str(ckpt), inputs, target, dtype=None if dtype == "keep" else dtype,
+                                 dry_run=dry_run, overwrite=bool(overwrite), progress=progress)
     else:
-        from lycoris_core.merge import merge_adapters
-
-        report = merge_adapters(inputs, None if out_path is None else str(out_path), rank_mode=rank_mode,
-                                rank_param=rank_param, conv_tucker=bool(conv_tucker),
-                                base=None if ckpt is None else str(ckpt), dry_run=dry_run,
-                                overwrite=bool(overwrite), progress=progress,
-                                **({} if dtype == "keep" else {"save_dtype": dtype}), **_title(merge_adapters, action))
+        options = dict(rank_mode=rank_mode, rank_param=rank_param, conv_tucker=bool(conv_tucker),
+                       base=None if ckpt is None else str(ckpt), dry_run=dry_run, overwrite=bool(overwrite),
+                       progress=progress, **({} if dtype == "keep" else {"save_dtype": dtype}))
+        if action == "merge":
+            report = merge_adapters(inputs, target, **options)
+        else:
+            report = (convert_adapter if action == "convert" else resize_adapter)(inputs[0].path, target, **options)
     table, errors = _report_frames(report)
     total_error = getattr(report, "total_error", None)
     if action == "bake":
@@ -365,13 +317,6 @@ def _needs_base(inputs) -> bool:
         finally:
             adapter.close()
     return False
-
-
-def _title(fn, action: str) -> dict:
-    """Label the engine's report with the action, when the engine takes a title."""
-    import inspect
-
-    return {"title": action} if "title" in inspect.signature(fn).parameters else {}
 
 
 def _check_resize(path: str, rank_mode: str, rank_param) -> None:

@@ -1,6 +1,6 @@
 """The embedded demo: three small adapters and a small checkpoint, made once into a cache.
 
-The adapters come from ``lycoris_core.demo``.  The checkpoint holds only the SD1.5 weights
+The adapters come from ``lycoris_core.testing.demo``.  The checkpoint holds only the SD1.5 weights
 those adapters touch, under their real checkpoint key names and shapes (asked from
 ``lycoris_core.keymap``), so preview, match report, merge and bake all work on a machine
 with no models.  Values are seeded random: it demonstrates the tools, not a model.
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from lycoris_core import load_adapter
-from lycoris_core.demo import write_demo_files
+from lycoris_core.io.writer import save_tensors
 from lycoris_core.keymap import map_adapter, state_shapes
-from lycoris_core.writer import save_tensors
+from lycoris_core.testing.demo import write_demo_files
 
 DEMO_ENV = "LYCORIS_DEMO_DIR"
 DEMO_CHECKPOINT = "demo_sd15_slice.safetensors"

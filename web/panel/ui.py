@@ -51,11 +51,6 @@ def _guard(fn):
             raise
         except (PanelError, LycorisError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").startswith("lycoris_core"):
-                raise gr.Error(f"this engine feature is not installed yet ({exc.name})", print_exception=False) from None
-            log.exception("panel action failed")
-            raise gr.Error(f"missing module: {exc.name}", print_exception=False) from None
         except (ValueError, OSError, KeyError) as exc:
             raise gr.Error(f"{type(exc).__name__}: {exc}", print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - shown to the user, logged with its traceback
@@ -106,19 +101,19 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
                 img.thumbnail((768, 768))
                 image = img.convert("RGB")
         plot = gr.BarPlot(value=p.blocks, x="block", y="dw_norm", sort=p.block_order or None)
-        return p.summary, p.triggers, image, plot, p.modules, p.metadata
+        return p.summary, p.triggers, image, plot, _table(p.modules), _table(p.metadata)
 
     @_guard
     def do_match(adapter, checkpoint):
         text, table = actions.match_report(folders, adapter, checkpoint)
-        return text, table
+        return text, _table(table)
 
     def job_outputs(result: actions.JobResult):
         errors = result.errors.copy()
         labels = [f"{i + 1}. {_short(m)}" for i, m in enumerate(errors["module"])]
         errors["module"] = labels
         plot = gr.BarPlot(value=errors, x="module", y="rel_error", sort=labels or None)
-        return result.status, plot, result.table, result.text
+        return result.status, plot, _table(result.table), result.text
 
     @_guard
     def do_dry_run(action, rows, checkpoint, rank_mode, rank_param, conv_tucker, dtype, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
@@ -174,7 +169,7 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
                 refresh_btn = gr.Button("↻ Refresh lists", scale=1, elem_id="lycoris-refresh")
             with gr.Row():
                 with gr.Column(scale=3):
-                    summary = gr.Markdown(elem_id="lycoris-summary")
+                    summary = gr.Markdown("*Choose an adapter to see its summary.*", elem_id="lycoris-summary")
                     triggers = gr.Markdown(elem_id="lycoris-triggers")
                 with gr.Column(scale=1, min_width=200):
                     image = gr.Image(label="Preview image", type="pil", interactive=False, height=260,
@@ -182,9 +177,9 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
             block_plot = gr.BarPlot(x="block", y="dw_norm", title="ΔW norm per block (‖ΔW‖_F at strength 1)",
                                     x_title="block", y_title="‖ΔW‖", y_lim=[0, None], height=280, elem_id="lycoris-block-plot")
             modules_df = gr.Dataframe(label="Modules", interactive=False, max_height=320, wrap=False,
-                                      elem_id="lycoris-modules")
+                                      elem_id="lycoris-modules", visible=False)
             with gr.Accordion("Metadata", open=False):
-                metadata_df = gr.Dataframe(label="Header metadata", interactive=False, max_height=320, wrap=True)
+                metadata_df = gr.Dataframe(label="Header metadata", interactive=False, max_height=320, wrap=True, visible=False)
             gr.Markdown("#### Match against a checkpoint (reads its header only)")
             with gr.Row(equal_height=True):
                 checkpoint = gr.Dropdown(choices=checkpoints, value=checkpoints[0] if checkpoints else None,
@@ -192,7 +187,7 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
                                          elem_id="lycoris-match-ckpt")
                 match_btn = gr.Button("Match report", scale=1, elem_id="lycoris-match-btn")
             match_md = gr.Markdown(elem_id="lycoris-match")
-            match_df = gr.Dataframe(label="Modules → checkpoint keys", interactive=False, max_height=320)
+            match_df = gr.Dataframe(label="Modules → checkpoint keys", interactive=False, max_height=320, visible=False)
 
         with gr.Tab("Merge", id="merge"):
             gr.Markdown(HELP)
@@ -226,13 +221,16 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
                                     x_title="module", y_title="‖ΔW − ΔW_r‖ / ‖ΔW‖", x_label_angle=-40, y_lim=[0, None],
                                     height=300, elem_id="lycoris-error-plot")
             report_df = gr.Dataframe(label="Per-module report", interactive=False, max_height=320,
-                                     elem_id="lycoris-report")
+                                     elem_id="lycoris-report", visible=False)
             with gr.Accordion("Report as text", open=False):
                 report_text = gr.Textbox(show_label=False, lines=8, max_lines=20)
 
         # ---- events -------------------------------------------------------------------
-        preview_btn.click(do_preview, [adapter], [summary, triggers, image, block_plot, modules_df, metadata_df],
-                          api_name="preview")
+        preview_out = [summary, triggers, image, block_plot, modules_df, metadata_df]
+        preview_btn.click(do_preview, [adapter], preview_out, api_name="preview")
+        adapter.input(do_preview, [adapter], preview_out, api_name=False)  # chosen by the user: shown at once
+        if loras:
+            ui.load(do_preview, [adapter], preview_out, api_name=False)
         match_btn.click(do_match, [adapter, checkpoint], [match_md, match_df], api_name="match_report")
         refresh_btn.click(do_refresh, [adapter, checkpoint, picks, merge_ckpt], [adapter, checkpoint, picks, merge_ckpt],
                           api_name="refresh")
@@ -245,6 +243,11 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
                       concurrency_limit=1, concurrency_id=WRITE_QUEUE)
     ui.lycoris_folders = folders
     return ui
+
+
+def _table(frame: pd.DataFrame) -> gr.Dataframe:
+    """A table shown only once it has data (an empty one would show placeholder columns)."""
+    return gr.Dataframe(value=frame, visible=True)
 
 
 def _finite(value) -> bool:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import BlockWeightError
+from ..errors import BlockWeightError
 
 
 def _ids(prefix: str, numbers) -> list[str]:
@@ -102,9 +102,6 @@ class BlockWeights:
             value = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5}[self.values[0]]
             return dict.fromkeys(ALL_BLOCKS[family], value)
         return _from_named(self.values, family, self.text)
-
-    def touched_zero(self, arch: str) -> list[str]:
-        return [b for b, w in self.resolve(arch).items() if w == 0]
 
 
 def _from_vector(values: list[float], family: str, text: str) -> dict[str, float]:

@@ -10,7 +10,16 @@ import argparse
 import signal
 import sys
 
-from .errors import LycorisError
+import torch
+
+from ..adapter import load_adapter
+from ..adapter.describe import summary_lines
+from ..errors import LycorisError
+from ..testing.demo import write_demo_files
+from .bake import BAKE_THREADS, bake_checkpoint
+from .common import MergeError, MergeInput
+from .extract import extract_adapter
+from .merge import convert_adapter, merge_adapters, resize_adapter
 
 ADAPTER_HELP = ("adapter file, optionally with strengths: PATH@UNET[,CLIP] (e.g. a.safetensors@0.8,1); "
                 "repeat for several")
@@ -19,9 +28,6 @@ BLOCKS_HELP = ("block weights for the adapters in order (preset, 17/26/12/20-val
 
 
 def _inspect(args) -> int:
-    from .adapter import load_adapter
-    from .summary import summary_lines
-
     for i, path in enumerate(args.files):
         adapter = load_adapter(path, allow_pickle=args.allow_pickle)
         if i:
@@ -34,16 +40,12 @@ def _inspect(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import write_demo_files
-
     for path in write_demo_files(args.folder, overwrite=args.overwrite):
         print(path)
     return 0
 
 
 def _inputs(args):
-    from .merge import MergeError, MergeInput
-
     blocks = list(args.blocks or [])
     if len(blocks) > len(args.adapter):
         raise MergeError(f"{len(blocks)} --blocks for {len(args.adapter)} adapters")
@@ -70,8 +72,6 @@ def _inputs(args):
 def _rank_kwargs(args) -> dict:
     param = args.rank if args.mode == "fixed" else args.param
     if param is None:
-        from .merge import MergeError
-
         raise MergeError(f"--mode {args.mode} needs --param")
     return {"rank_mode": args.mode, "rank_param": param, "conv_tucker": args.tucker, "svd": args.svd}
 
@@ -87,33 +87,24 @@ def _finish(report, args) -> int:
 
 
 def _merge(args) -> int:
-    from .merge import merge_adapters
-
     report = merge_adapters(_inputs(args), args.output, **_rank_kwargs(args), base=args.base,
                             dry_run=args.dry_run, overwrite=args.overwrite, save_dtype=args.save_dtype)
     return _finish(report, args)
 
 
-def _convert(args, title: str) -> int:
-    from .merge import MergeInput, merge_adapters
-
-    report = merge_adapters([MergeInput(args.input)], args.output, **_rank_kwargs(args), base=args.base,
-                            dry_run=args.dry_run, overwrite=args.overwrite, save_dtype=args.save_dtype,
-                            title=title)
+def _convert(args, tool) -> int:
+    report = tool(args.input, args.output, **_rank_kwargs(args), base=args.base, dry_run=args.dry_run,
+                  overwrite=args.overwrite, save_dtype=args.save_dtype)
     return _finish(report, args)
 
 
 def _bake(args) -> int:
-    from .bake import bake_checkpoint
-
     report = bake_checkpoint(args.checkpoint, _inputs(args), args.output, dtype=args.dtype,
                              dry_run=args.dry_run, overwrite=args.overwrite, allow_partial=args.allow_partial)
     return _finish(report, args)
 
 
 def _extract(args) -> int:
-    from .extract import extract_adapter
-
     kwargs = _rank_kwargs(args)
     kwargs["conv_rank_param"] = args.conv_rank if args.mode == "fixed" else args.conv_param
     report = extract_adapter(args.base, args.tuned, args.output, **kwargs, min_diff=args.min_diff,
@@ -121,8 +112,12 @@ def _extract(args) -> int:
     return _finish(report, args)
 
 
-def _write_options(p, output_required: bool = True) -> None:
+def _write_options(p, threads_default: int | None = None) -> None:
     p.add_argument("-o", "--output", help="output .safetensors (not needed with --dry-run)")
+    p.add_argument("--threads", type=int, default=threads_default,
+                   help="torch threads for this run (default: "
+                        + (f"{threads_default}, the I/O threads need the other cores)" if threads_default
+                           else "torch's own)"))
     p.add_argument("--dry-run", action="store_true", help="print the per-module report; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("-v", "--verbose", action="store_true", help="print every per-module row")
@@ -169,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("keep", "fp16", "bf16", "fp32"), default="keep",
                    help="output dtype of floating tensors (default: keep each tensor's)")
     p.add_argument("--allow-partial", action="store_true", help="bake the modules that fit when some do not")
-    _write_options(p)
+    _write_options(p, threads_default=BAKE_THREADS)
     p.set_defaults(run=_bake)
 
     p = sub.add_parser("merge", help="merge adapters of any algorithm into one LoRA/LoCon by SVD",
@@ -182,14 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     _write_options(p)
     p.set_defaults(run=_merge)
 
-    for name, text in (("convert", "convert one adapter (LoHa, LoKr, LoCon-Tucker, ...) to LoRA/LoCon"),
-                       ("resize", "shrink an adapter's rank by truncated SVD")):
+    for name, text, tool in (
+        ("convert", "convert one adapter (LoHa, LoKr, LoCon-Tucker, ...) to LoRA/LoCon", convert_adapter),
+        ("resize", "shrink an adapter's rank by truncated SVD", resize_adapter),
+    ):
         p = sub.add_parser(name, help=text, description=text + ". A merge of a single adapter.")
         p.add_argument("input", help="adapter file")
         p.add_argument("--base", help="base checkpoint, needed by IA3/GLoRA/OFT/BOFT/DoRA modules")
         _rank_options(p)
         _write_options(p)
-        p.set_defaults(run=lambda args, _t=name: _convert(args, _t))
+        p.set_defaults(run=lambda args, _tool=tool: _convert(args, _tool))
 
     p = sub.add_parser("extract", help="extract a LoCon adapter from two checkpoints (tuned - base)",
                        description="Factor tuned − base per UNet/text-encoder layer by truncated SVD; "
@@ -210,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "output", "x") is None and not getattr(args, "dry_run", False):
         print("error: -o/--output is required unless --dry-run is given", file=sys.stderr)
         return 2
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)  # the CLI owns its process: thread policy lives here
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)

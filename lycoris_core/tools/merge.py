@@ -19,74 +19,35 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ArchitectureMismatchError, LycorisError
+from ..adapter import load_adapter
+from ..errors import ArchitectureMismatchError, WeightRangeError
+from ..io.reader import SafetensorsSource
+from ..io.writer import save_tensors
+from ..keymap import detect_adapter, detect_model, kohya_name, state_shapes
+from ..keymap.spaces import space_table
+from ..numerics.checks import is_finite
+from ..patch import AdapterSpec, accumulate, build_plan
+from .common import (
+    SAVE_DTYPES,
+    MergeError,
+    MergeInput,
+    Progress,
+    ProgressFn,
+    __version__,
+    check_files,
+    check_rank,
+    check_write,
+    footer,
+    match_rows,
+    skip_row,
+)
+from .svd import truncate, tucker2
 
-ProgressFn = Callable[[int, int, str], None]
-
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class MergeError(LycorisError):
-    """Adapters that cannot be merged, converted, baked or extracted as asked."""
-
-
-@dataclass
-class MergeInput:
-    path: str
-    strength_unet: float = 1.0
-    strength_clip: float = 1.0
-    blocks: str | None = None
-
-    def recipe(self) -> dict:
-        return {"name": os.path.basename(self.path), **file_identity(self.path),
-                "strength_unet": self.strength_unet, "strength_clip": self.strength_clip,
-                "blocks": self.blocks}
-
-
-def file_identity(path: str, hash_limit: int = 2 << 30) -> dict:
-    """sha256 of a file (streamed), or only its size when it is larger than ``hash_limit``."""
-    import hashlib
-
-    size = os.path.getsize(path)
-    if size > hash_limit:
-        return {"size": size}
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "size": size}
-
-
-# ---- progress -------------------------------------------------------------------------------
-
-class Progress:
-    """Calls ``callback(done, total, desc)``, or shows a tqdm bar when there is none."""
-
-    def __init__(self, total: int, desc: str, callback: ProgressFn | None = None, unit: str = "it"):
-        self.total, self.desc, self.callback, self.done = total, desc, callback, 0
-        self.bar = None
-        if callback is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
-        else:
-            callback(0, total, desc)
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            self.callback(self.done, self.total, self.desc)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+__all__ = ["MergeError", "MergeInput", "MergeReport", "merge_adapters", "save_lora"]
 
 
 # ---- reports --------------------------------------------------------------------------------
@@ -123,11 +84,7 @@ class MergeReport:
                 lines.append(f"{r['module']:<{width}}  {r['rank']:>4}  {r['kept_energy']:>11.6f}  "
                              f"{r['rel_error']:>9.3e}  {r.get('method', '')}")
         lines.append(f"total: kept energy {self.total_kept_energy:.6f}, relative error {self.total_error:.3e}")
-        if self.path:
-            lines.append(f"wrote {self.path} ({self.size_bytes} bytes) in {self.seconds:.1f}s")
-        elif self.dry_run:
-            lines.append("dry run: nothing written")
-        return "\n".join(lines)
+        return "\n".join(lines + footer(self))
 
 
 class ErrorTotals:
@@ -160,23 +117,12 @@ def record(report, totals: ErrorTotals, tensors: dict, name: str, factorized, dr
 
 # ---- names and block weights ---------------------------------------------------------------
 
-def kohya_name(arch: str, part: str, canonical: str) -> str:
-    """The kohya module name of a canonical (part, name): SD1/SD2 UNet names follow diffusers,
-    SDXL's follow SGM; text encoders are lora_te_ (one TE) or lora_te1_/lora_te2_."""
-    if part == "unet":
-        if arch == "sdxl":
-            from .keymap.sd_layouts import spec_index
-
-            canonical = spec_index(arch)[(part, canonical)].ldm or canonical
-        return "lora_unet_" + canonical.replace(".", "_")
-    prefix = "lora_te_" if arch != "sdxl" else ("lora_te1_" if part == "te1" else "lora_te2_")
-    return prefix + canonical.replace(".", "_")
-
-
 # ---- gathering deltas ------------------------------------------------------------------------
 
 @dataclass
-class Contribution:
+class Summand:
+    """One module's share of one merged weight: the adapter it came from and its strength."""
+
     adapter_index: int
     module_name: str
     module: object
@@ -186,16 +132,12 @@ class Contribution:
 
 
 def load_inputs(inputs: list[MergeInput]):
-    from .adapter import load_adapter
-
     if not inputs:
         raise MergeError("no adapters given")
     return [load_adapter(i.path) for i in inputs]
 
 
 def model_arch(adapters, base_shapes=None) -> str:
-    from .keymap import detect_adapter, detect_model
-
     if base_shapes is not None:
         layout = detect_model(base_shapes)
         if layout.arch == "unknown":
@@ -212,11 +154,9 @@ def model_arch(adapters, base_shapes=None) -> str:
 
 
 def gather(adapters, inputs: list[MergeInput], arch: str, shapes, rows: list[dict],
-           match_lines: list[str]) -> dict[str, list[Contribution]]:
+           match_lines: list[str]) -> dict[str, list[Summand]]:
     """weight key -> contributions, mapping every adapter onto ``shapes`` with the patch engine's
     rules (``patch.build_plan``: UNet strength x block weight, CLIP strength x BASE weight)."""
-    from .patch import AdapterSpec, build_plan
-
     specs = [AdapterSpec(a, i.strength_unet, i.strength_clip, i.blocks) for a, i in zip(adapters, inputs)]
     plan = build_plan(specs, shapes)
     index_of = {id(a): n for n, a in enumerate(adapters)}
@@ -224,24 +164,17 @@ def gather(adapters, inputs: list[MergeInput], arch: str, shapes, rows: list[dic
     name_of = {id(m): name for a in adapters for name, m in a.modules.items()}
     for adapter, spec, report in zip(adapters, inputs, plan.reports):
         match_lines.append(f"{os.path.basename(spec.path)}: {report.summary()}")
-        for name in report.unmatched:
-            rows.append(_skip(name, "no matching layer in the model", adapter))
-        for name, key, mshape, wshape in report.mismatched:
-            rows.append(_skip(name, f"shape {mshape} does not fit {key} {wshape}", adapter))
-        for name in report.not_applicable:
-            rows.append(_skip(name, "its model part is absent", adapter))
-        for key, reason in adapter.unknown_reasons.items():
-            rows.append(_skip(key, f"unknown key: {reason}", adapter))
-    groups: dict[str, list[Contribution]] = {}
+        rows += match_rows(adapter, report)
+    groups: dict[str, list[Summand]] = {}
     for key, contribs in plan.contributions.items():
         for c in contribs:
             adapter = owner[id(c.module)]
             name = name_of[id(c.module)]
             if c.bias:
-                rows.append(_skip(name + " (bias)", "bias delta dropped: LoRA has no bias", adapter))
+                rows.append(skip_row(name + " (bias)", "bias delta dropped: LoRA has no bias", adapter))
                 continue
-            groups.setdefault(key, []).append(Contribution(index_of[id(adapter)], name, c.module, c.strength,
-                                                           c.target, c))
+            groups.setdefault(key, []).append(Summand(index_of[id(adapter)], name, c.module, c.strength,
+                                                      c.target, c))
     return groups
 
 
@@ -258,45 +191,37 @@ class NameTarget:
     transposed: bool = False
 
 
-def gather_by_name(adapters, inputs, rows, match_lines) -> dict[str, list[Contribution]]:
+def gather_by_name(adapters, inputs, rows, match_lines) -> dict[str, list[Summand]]:
     """Unknown architecture: modules are summed when they have the same name and shape."""
-    groups: dict[str, list[Contribution]] = {}
+    groups: dict[str, list[Summand]] = {}
     for index, (adapter, spec) in enumerate(zip(adapters, inputs)):
         if spec.blocks:
             raise MergeError("block weights need a known architecture (SD1/SD2/SDXL)")
         match_lines.append(f"{os.path.basename(spec.path)}: unknown architecture, "
                            f"{len(adapter.modules)} modules kept under their own names")
         for key, reason in adapter.unknown_reasons.items():
-            rows.append(_skip(key, f"unknown key: {reason}", adapter))
+            rows.append(skip_row(key, f"unknown key: {reason}", adapter))
         for name, module in adapter.modules.items():
             is_te = name.startswith(("lora_te", "text_encoder", "te_", "te1", "te2"))
             strength = spec.strength_clip if is_te else spec.strength_unet
             shape = tuple(module.shape)
             if module.algo == "ia3" or not shape:
-                rows.append(_skip(name, f"{module.describe()} needs a known architecture", adapter))
+                rows.append(skip_row(name, f"{module.describe()} needs a known architecture", adapter))
                 continue
             have = groups.get(name)
             if have and tuple(have[0].target.shape) != shape:
-                rows.append(_skip(name, f"shape {shape} differs from another input's {have[0].target.shape}",
+                rows.append(skip_row(name, f"shape {shape} differs from another input's {have[0].target.shape}",
                                   adapter))
                 continue
             target = NameTarget(name, shape, "te" if is_te else "unet")
-            groups.setdefault(name, []).append(Contribution(index, name, module, strength, target))
+            groups.setdefault(name, []).append(Summand(index, name, module, strength, target))
     return groups
 
 
-def _skip(name: str, reason: str, adapter=None) -> dict:
-    source = os.path.basename(adapter.name) if adapter is not None else ""
-    return {"module": name, "rank": 0, "kept_energy": 0.0, "rel_error": 0.0, "skipped": reason,
-            "source": source}
-
-
-def summed_delta(contribs: list[Contribution], weight: torch.Tensor | None, shape) -> torch.Tensor:
+def summed_delta(contribs: list[Summand], weight: torch.Tensor | None, shape) -> torch.Tensor:
     """Σ sᵢ·ΔWᵢ in float32 for one weight (``weight`` is the base weight, when known)."""
     total = torch.zeros(shape, dtype=torch.float32)
-    if contribs and contribs[0].patch is not None:
-        from .patch import accumulate
-
+    if contribs and contribs[0].patch is not None:  # through the patch kernel, as the patcher adds it
         base = weight if weight is not None else torch.zeros(shape, dtype=torch.float32)
         return accumulate(total, base, [c.patch for c in contribs])
     for c in contribs:
@@ -304,10 +229,12 @@ def summed_delta(contribs: list[Contribution], weight: torch.Tensor | None, shap
             continue
         d = c.module.strength_delta(weight, c.strength)
         total += d.reshape(shape)
+    if not is_finite(total):  # finite deltas whose sum overflows float32
+        raise WeightRangeError(f"{contribs[0].module_name}: the summed delta is not finite")
     return total
 
 
-def summed_factors(contribs: list[Contribution], shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+def summed_factors(contribs: list[Summand], shape) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(U, V) with U @ V == Σ sᵢ·ΔWᵢ flattened to (out, in·k·k), strengths folded into U,
     or None when some contribution has no low-rank factors (Tucker, DoRA, full, weight-dependent)."""
     us, vs = [], []
@@ -342,8 +269,6 @@ def factorize(delta: torch.Tensor, rank_mode: str, rank_param: float, conv_tucke
     errors of the file as written.  ``factors`` (U, V with U @ V == delta flattened) let
     ``svd="auto"`` use the exact factored solver (not for Tucker-2 output).
     """
-    from .svd import truncate, tucker2
-
     shape = tuple(delta.shape)
     total_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
     out_ch = shape[0]
@@ -380,11 +305,48 @@ def factorize(delta: torch.Tensor, rank_mode: str, rank_param: float, conv_tucke
 # ---- the merge --------------------------------------------------------------------------------
 
 def _base_reader(base: str):
-    from .reader import SafetensorsSource
-
-    if not os.path.isfile(base):
-        raise MergeError(f"base checkpoint {base} does not exist")
+    check_files(base, what="base checkpoint")
     return SafetensorsSource(base)
+
+
+@dataclass
+class _Layout:
+    """Which weight keys a merge writes, in output order, and each one's (part, canonical) name."""
+
+    groups: dict[str, list[Summand]]
+    keys: list[str]
+    slot_of: dict[str, tuple[str | None, str]]
+    base_table: object = None  # the base checkpoint's key-space table, when there is a base
+
+
+def _layout(adapters, inputs, arch: str, base_shapes, report: MergeReport) -> _Layout:
+    if arch == "unknown":
+        groups = gather_by_name(adapters, inputs, report.rows, report.match_lines)
+        return _Layout(groups, list(groups), {k: (None, k) for k in groups})
+    # every adapter is summed in the ComfyUI key space: one unfused, untransposed weight per module
+    comfy = space_table(arch, "comfy")
+    groups = gather(adapters, inputs, arch, state_shapes(arch, "comfy"), report.rows, report.match_lines)
+    order = {slot.weight_key: i for i, slot in enumerate(comfy.slots.values())}
+    base_table = space_table(arch, detect_model(base_shapes).space) if base_shapes is not None else None
+    return _Layout(groups, sorted(groups, key=lambda k: order.get(k, 1 << 30)),
+                   {slot.weight_key: name for name, slot in comfy.slots.items()}, base_table)
+
+
+def _usable(summands: list[Summand], shape, adapters, has_base: bool, rows: list[dict]) -> list[Summand]:
+    """The summands a LoRA can carry; the others become report rows with the reason."""
+    usable = []
+    for c in summands:
+        adapter = adapters[c.adapter_index]
+        if c.module.uses_weight and not has_base:
+            rows.append(skip_row(c.module_name, f"{c.module.describe()} needs the base weight (pass --base)", adapter))
+        elif len(shape) < 2:
+            rows.append(skip_row(c.module_name, f"{c.module.describe()} on a 1-D weight (norm) cannot be a LoRA",
+                                 adapter))
+        else:
+            if c.module.has_bias and c.patch is None:
+                rows.append(skip_row(c.module_name + " (bias)", "bias delta dropped: LoRA has no bias", adapter))
+            usable.append(c)
+    return usable
 
 
 def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode: str = "fixed",
@@ -393,93 +355,33 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
                    progress: ProgressFn | None = None, save_dtype: str = "fp32",
                    title: str = "merge") -> MergeReport:
     """Merge ``inputs`` into one LoRA/LoCon adapter at ``out_path`` (see the module docstring)."""
-    from .keymap import state_shapes
-    from .keymap.spaces import space_table
-    from .svd import _threads, check_mode
-    from .writer import check_output
-
     started = time.perf_counter()
-    try:
-        check_mode(rank_mode, rank_param)
-    except ValueError as exc:
-        raise MergeError(str(exc)) from None
-    if svd not in ("auto", "exact", "randomized"):
-        raise MergeError(f"svd must be auto, exact or randomized, not {svd!r}")
-    if save_dtype not in SAVE_DTYPES:
-        raise MergeError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, not {save_dtype!r}")
-    if not dry_run:
-        if out_path is None:
-            raise MergeError("an output path is needed unless dry_run is set")
-        check_output(out_path, overwrite)
+    check_rank(rank_mode, [rank_param], save_dtype, svd)
+    check_write(out_path, dry_run, overwrite, [i.path for i in inputs] + ([base] if base else []))
 
     adapters = load_inputs(inputs)
     base_src = _base_reader(base) if base else None
     base_shapes = {k: base_src.shape(k) for k in base_src} if base_src else None
     arch = model_arch(adapters, base_shapes)
     report = MergeReport(dry_run=dry_run, title=title)
-    base_table = None
-    if arch == "unknown":
-        groups = gather_by_name(adapters, inputs, report.rows, report.match_lines)
-        slot_of = {k: (None, k) for k in groups}
-        keys = list(groups)
-    else:
-        # every adapter is summed in the ComfyUI key space: one unfused, untransposed weight per module
-        shapes = state_shapes(arch, "comfy")
-        comfy = space_table(arch, "comfy")
-        slot_of = {slot.weight_key: part_name for part_name, slot in comfy.slots.items()}
-        if base_src is not None:
-            from .keymap import detect_model
-
-            base_table = space_table(arch, detect_model(base_shapes).space)
-        groups = gather(adapters, inputs, arch, shapes, report.rows, report.match_lines)
-        order = {slot.weight_key: i for i, slot in enumerate(comfy.slots.values())}
-        keys = sorted(groups, key=lambda k: order.get(k, 1 << 30))
+    layout = _layout(adapters, inputs, arch, base_shapes, report)
     totals = ErrorTotals()
     tensors: dict[str, torch.Tensor] = {}
-    bar = Progress(len(keys), f"{title}: factoring", progress, unit="module")
+    bar = Progress(len(layout.keys), f"{title}: factoring", progress, unit="module")
     try:
-        for key in keys:
-            part, canonical = slot_of[key]
+        for key in layout.keys:
+            part, canonical = layout.slot_of[key]
             out_name = canonical if part is None else kohya_name(arch, part, canonical)
-            contribs = groups[key]
-            shape = tuple(contribs[0].target.shape)
-            usable = []
-            for c in contribs:
-                src = os.path.basename(adapters[c.adapter_index].name)
-                if c.module.uses_weight and base_src is None:
-                    what = c.module.describe()
-                    report.rows.append(_skip(c.module_name, f"{what} needs the base weight (pass --base)",
-                                             adapters[c.adapter_index]))
-                elif len(shape) < 2:
-                    report.rows.append(_skip(c.module_name, f"{c.module.describe()} on a 1-D weight "
-                                             "(norm) cannot be a LoRA", adapters[c.adapter_index]))
-                else:
-                    if c.module.has_bias and c.patch is None:
-                        report.rows.append(_skip(c.module_name + " (bias)",
-                                                 "bias delta dropped: LoRA has no bias", adapters[c.adapter_index]))
-                    usable.append(c)
-                del src
-            if not usable:
-                bar.update()
-                continue
-            weight = None
-            if base_src is not None and any(c.module.uses_weight for c in usable):
-                weight = _base_weight(base_src, base_table, part, canonical)
-            with _threads(math.prod(shape)):
-                delta = summed_delta(usable, weight, shape)
-            if not bool(torch.isfinite(delta).all()):
-                report.rows.append(_skip(out_name, "delta is not finite"))
-                bar.update()
-                continue
-            if float(delta.abs().max()) == 0:
-                report.rows.append(_skip(out_name, "delta is zero (strength 0 or cancelled)"))
-                bar.update()
-                continue
-            with _threads(math.prod(shape)):
-                factors = summed_factors(usable, shape) if svd == "auto" else None
-                factorized = factorize(delta, rank_mode, rank_param, conv_tucker, svd, SAVE_DTYPES[save_dtype],
-                                       factors)
-            record(report, totals, tensors, out_name, factorized, dry_run)["sources"] = len(usable)
+            shape = tuple(layout.groups[key][0].target.shape)
+            usable = _usable(layout.groups[key], shape, adapters, base_src is not None, report.rows)
+            if usable:
+                weight = None
+                if base_src is not None and any(c.module.uses_weight for c in usable):
+                    weight = _base_weight(base_src, layout.base_table, part, canonical)
+                row = _merge_one(usable, weight, shape, out_name, rank_mode, rank_param, conv_tucker, svd,
+                                 save_dtype, report, totals, tensors, dry_run)
+                if row is not None:
+                    report.rows.append(row)
             bar.update()
     finally:
         bar.close()
@@ -498,17 +400,30 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
     return report
 
 
+def _merge_one(usable, weight, shape, out_name, rank_mode, rank_param, conv_tucker, svd, save_dtype,
+               report, totals, tensors, dry_run) -> dict | None:
+    """Sum and factor one weight's summands into ``tensors``; a skip row when there is nothing to factor."""
+    try:
+        delta = summed_delta(usable, weight, shape)
+    except WeightRangeError:
+        return skip_row(out_name, "delta is not finite")
+    if float(delta.abs().max()) == 0:
+        return skip_row(out_name, "delta is zero (strength 0 or cancelled)")
+    factors = summed_factors(usable, shape) if svd == "auto" else None
+    factorized = factorize(delta, rank_mode, rank_param, conv_tucker, svd, SAVE_DTYPES[save_dtype], factors)
+    record(report, totals, tensors, out_name, factorized, dry_run)["sources"] = len(usable)
+    return None
+
+
 def save_lora(report: MergeReport, tensors: dict[str, torch.Tensor], out_path: str, overwrite: bool,
               recipe: dict) -> None:
     """Write a merged or extracted LoRA (temp file, rename, read back) with kohya's network
     metadata and the recipe; put the path and size in ``report``."""
-    from .writer import save_tensors
-
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(r["rank"] for r in report.merged)),
         "ss_network_alpha": "rank (scale 1)",
-        "lycoris_core_recipe": json.dumps({"tool": f"lycoris_core {_version()}", **recipe,
+        "lycoris_core_recipe": json.dumps({"tool": f"lycoris_core {__version__}", **recipe,
                                            "alpha": "alpha = rank, scale 1"}),
     }
     written = save_tensors(tensors, out_path, meta, overwrite=overwrite)
@@ -527,12 +442,6 @@ def _base_weight(source, table, part: str, canonical: str) -> torch.Tensor:
     if slot.transposed:
         w = w.T
     return w.to(torch.float32).contiguous()
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def convert_adapter(path: str, out_path: str | None, **kwargs) -> MergeReport:

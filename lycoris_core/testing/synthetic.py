@@ -10,16 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from .keymap import modules
-from .keymap.sd_layouts import ModuleSpec
-
-
-def kohya_name(spec: ModuleSpec, arch: str) -> str:
-    if spec.part == "unet":
-        name = spec.ldm if arch == "sdxl" and spec.ldm else spec.name
-        return "lora_unet_" + name.replace(".", "_")
-    prefix = "lora_te" if arch != "sdxl" else f"lora_{spec.part}"
-    return f"{prefix}_{spec.name.replace('.', '_')}"
+from ..io.stream import StreamWriter
+from ..keymap import kohya_name, modules, state_shapes
+from ..keymap.sd_layouts import ModuleSpec
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -126,7 +119,7 @@ def synthetic_adapter(arch: str, algo: str, *, select: Callable[[ModuleSpec], bo
             continue
         is_conv = len(spec.weight) == 4 and spec.weight[2] * spec.weight[3] > 1
         r = conv_rank if (is_conv and conv_rank) else rank
-        name = kohya_name(spec, arch)
+        name = kohya_name(arch, spec.part, spec.name)
         for suffix, value in module_tensors(algo, spec.weight, gen, r, **options).items():
             tensors[f"{name}.{suffix}"] = value if value.dtype == torch.int64 else value.to(dtype)
     return tensors
@@ -136,9 +129,6 @@ def write_checkpoint(path, arch: str = "sd1", parts=("unet", "te1"), seed: int =
                      metadata: dict[str, str] | None = None) -> str:
     """A single-file checkpoint with the real keys and shapes of ``parts`` and seeded random fp16
     values, written tensor by tensor (a full SD1.5 never sits in memory)."""
-    from .bake import StreamWriter
-    from .keymap import state_shapes
-
     shapes = state_shapes(arch, "checkpoint", parts)
     writer = StreamWriter(path, [(k, "F16", s) for k, s in shapes.items()], metadata or {})
     gen = torch.Generator().manual_seed(seed)

@@ -2,11 +2,13 @@
 
 An ``Adapter`` holds only a validated header and lazily read tensors, so keeping it
 costs little; keeping the *same object* is what matters: ``patch.DeltaCache`` keys its
-strength-1 deltas by module object, so a slider change on a cached adapter rebuilds
-nothing.  Entries are keyed by (real path, size, mtime_ns): a file replaced on disk is
-read again.  The budget counts the adapters' file sizes, least recently used first out.
-Thread-safe (ComfyUI runs nodes on a worker thread and HTTP handlers on the event loop).
-Pure core: never imports ComfyUI.
+strength-1 deltas by module object, and factors moved to an accelerator stay on the
+module, so a slider change on a cached adapter rebuilds and uploads nothing.  Entries
+are keyed by (real path, size, mtime_ns): a file replaced on disk is read again.  The
+budget counts each adapter's file size plus its factors kept on accelerators; least
+recently used first out, and an evicted adapter gives back its device copies and file
+handles (patches still held by a model simply read it again).  Thread-safe (ComfyUI
+runs nodes on a worker thread and HTTP handlers on the event loop).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .adapter import Adapter, load_adapter
+from .load import Adapter, load_adapter
 
-DEFAULT_ADAPTER_CACHE_BYTES = 4 << 30  # 4 GiB of adapter files
+DEFAULT_ADAPTER_CACHE_BYTES = 2 << 30  # 2 GiB of adapter files and their device copies
 
 
 def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
@@ -29,12 +31,11 @@ def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
 
 
 class AdapterCache:
-    """LRU of loaded adapters, bounded by the sum of their file sizes in bytes."""
+    """LRU of loaded adapters, bounded by their file sizes plus their accelerator copies, in bytes."""
 
     def __init__(self, budget_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
                  loader: Callable[[str], Adapter] = load_adapter):
         self.budget = max(0, int(budget_bytes))
-        self.used = 0
         self.hits = self.misses = 0
         self._loader = loader
         self._items: OrderedDict[tuple[str, int, int], Adapter] = OrderedDict()
@@ -49,6 +50,11 @@ class AdapterCache:
         except OSError:
             return False
 
+    @property
+    def used(self) -> int:
+        """Bytes counted against the budget now (device copies grow as adapters are used)."""
+        return sum(key[1] + adapter.resident_bytes for key, adapter in self._items.items())
+
     def get(self, path: str | os.PathLike) -> Adapter:
         """The adapter at ``path``, loaded once per (path, size, mtime)."""
         key = file_key(path)
@@ -57,41 +63,41 @@ class AdapterCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
+                self._trim(keep=key)
                 return hit
             self.misses += 1
-            stale = [k for k in self._items if k[0] == key[0]]
-            for k in stale:  # the same file, changed on disk: the old entry can never hit again
-                self._drop(k)
+            for stale in [k for k in self._items if k[0] == key[0]]:  # the same file, changed on disk
+                self._drop(stale)
         adapter = self._loader(key[0])  # outside the lock: reading a header may take a moment
-        size = key[1]
         with self._lock:
             if key in self._items:  # another thread loaded it meanwhile; keep one object
                 self._items.move_to_end(key)
                 return self._items[key]
-            if size <= self.budget:
-                while self.used + size > self.budget and self._items:
-                    self._drop(next(iter(self._items)))
+            if key[1] <= self.budget:
                 self._items[key] = adapter
-                self.used += size
+                self._trim(keep=key)
         return adapter
 
+    def _trim(self, keep) -> None:
+        """Drop least recently used adapters (never ``keep``) until the budget holds."""
+        while self.used > self.budget:
+            oldest = next((k for k in self._items if k != keep), None)
+            if oldest is None:
+                return
+            self._drop(oldest)
+
     def _drop(self, key) -> None:
-        # evicted adapters are not closed: patches still held by a model may read them later
-        self._items.pop(key)
-        self.used -= key[1]
+        adapter = self._items.pop(key)
+        adapter.release()  # its accelerator copies
+        adapter.close()  # file handles; reading again reopens them
+
+    def release_devices(self) -> None:
+        """Give back every factor kept on an accelerator (the application needs the memory)."""
+        with self._lock:
+            for adapter in self._items.values():
+                adapter.release()
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
-            self.used = 0
-
-
-def budget_from_env(var: str, default_bytes: int) -> int:
-    """A byte budget from an environment variable in MiB (blank or invalid -> default)."""
-    raw = os.environ.get(var, "").strip()
-    if not raw:
-        return default_bytes
-    try:
-        return max(0, int(float(raw) * (1 << 20)))
-    except ValueError:
-        return default_bytes
+            for key in list(self._items):
+                self._drop(key)

@@ -100,27 +100,6 @@ def choose_rank(s: torch.Tensor, mode: str, param: float, total_sq: float | None
     return max(1, min(r, n))
 
 
-SMALL = 1 << 18  # below this many elements one thread is faster than several (no sync cost)
-
-
-class _threads:
-    """One torch thread for small problems: thread start-up dominates them, badly on a busy CPU."""
-
-    def __init__(self, numel: int):
-        self.small = numel < SMALL
-
-    def __enter__(self):
-        if self.small:
-            self.saved = torch.get_num_threads()
-            if self.saved > 1:
-                torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.small and self.saved > 1:
-            torch.set_num_threads(self.saved)
-
-
 def _sq(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
 
@@ -237,18 +216,6 @@ def factored_svd(m: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor, mode:
     return _finish(m, q1 @ x, s, yh @ q2.mT, r, total_sq, "factored")
 
 
-def truncate(m: torch.Tensor, mode: str = "fixed", param: float = 16, method: str = "auto", *,
-             max_rank: int | None = None, seed: int = 0,
-             factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Truncation:
-    """Truncated SVD of a 2-D matrix by the chosen solver (see module docstring).
-
-    ``factors`` (U, V) with U @ V == m let ``auto`` take the exact factored solver when
-    their inner size is small (see ``auto_plan``).
-    """
-    with _threads(m.numel()):
-        return _truncate(m, mode, param, method, max_rank=max_rank, seed=seed, factors=factors)
-
-
 def auto_plan(shape, mode: str, param: float, max_rank: int | None = None, inner: int | None = None) -> str:
     """What ``auto`` runs, decided up front: "factored", "randomized" or "exact".
 
@@ -268,7 +235,14 @@ def auto_plan(shape, mode: str, param: float, max_rank: int | None = None, inner
     return "randomized"
 
 
-def _truncate(m, mode, param, method, *, max_rank, seed, factors=None) -> Truncation:
+def truncate(m: torch.Tensor, mode: str = "fixed", param: float = 16, method: str = "auto", *,
+             max_rank: int | None = None, seed: int = 0,
+             factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Truncation:
+    """Truncated SVD of a 2-D matrix by the chosen solver (see module docstring).
+
+    ``factors`` (U, V) with U @ V == m let ``auto`` take the exact factored solver when
+    their inner size is small (see ``auto_plan``).
+    """
     if m.dim() != 2:
         raise ValueError(f"truncate takes a matrix, got shape {tuple(m.shape)}")
     check_mode(mode, param)
@@ -316,11 +290,6 @@ class TuckerTruncation:
 
 def tucker2(delta: torch.Tensor, mode: str = "fixed", param: float = 16, method: str = "auto", *,
             max_rank: int | None = None, hooi_iters: int = 2) -> TuckerTruncation:
-    with _threads(delta.numel()):
-        return _tucker2(delta, mode, param, method, max_rank=max_rank, hooi_iters=hooi_iters)
-
-
-def _tucker2(delta, mode, param, method, *, max_rank, hooi_iters) -> TuckerTruncation:
     """Tucker-2 of a conv delta (out, in, k...) on its two channel modes.
 
     HOSVD initialises the factor bases from each unfolding's truncated SVD (the rank mode

@@ -10,7 +10,6 @@ caller opts in, and even then only ``torch.load(weights_only=True)`` reads them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterFormatError, PickleRefusedError
+from ..errors import AdapterFormatError, PickleRefusedError
+from ..numerics.checks import is_finite
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pt2")
 
@@ -178,14 +178,8 @@ class SafetensorsSource(TensorSource):
 
 def _checked(source: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """Refuse NaN/Inf: a delta built from them would silently poison the model."""
-    if tensor.is_floating_point() and tensor.numel():
-        # one pass and no temporary: aminmax propagates NaN, and an Inf is the min or the max
-        try:
-            lo, hi = torch.aminmax(tensor.reshape(-1))
-        except (RuntimeError, NotImplementedError):  # dtypes without aminmax (fp8): through float32
-            lo, hi = torch.aminmax(tensor.reshape(-1).float())
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-            raise AdapterFormatError(source, "tensor contains NaN or Inf values", key)
+    if not is_finite(tensor):
+        raise AdapterFormatError(source, "tensor contains NaN or Inf values", key)
     return tensor
 
 

@@ -17,20 +17,23 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
-from .algorithms import SUFFIX_ROLES, UNSUPPORTED_SUFFIXES, AdapterModule, detect, split_key
-from .errors import AdapterFormatError
-from .reader import DictSource, TensorSource, open_tensor_file
+from ..algorithms import SUFFIX_ROLES, UNSUPPORTED_SUFFIXES, AdapterModule, detect, split_key
+from ..errors import AdapterFormatError
+from ..io.reader import DictSource, TensorSource, open_tensor_file
 
 PEFT_CONFIG = "adapter_config.json"
+MAX_CONFIG_BYTES = 1_000_000
 
 
 class Adapter:
     """An adapter file: metadata, modules by name, and what was not understood."""
 
     def __init__(self, source: TensorSource, modules: dict[str, AdapterModule],
-                 unknown: dict[str, str], alpha_source: str | None = None):
+                 unknown: dict[str, str], alpha_source: str | None = None, path: str | None = None):
         self.source = source
         self.name = source.name
+        #: the file the adapter was read from (absolute), or None for a dict of tensors
+        self.path = path
         self.metadata: dict[str, str] = dict(source.metadata)
         self.modules = modules
         self.unknown_reasons = unknown
@@ -41,9 +44,14 @@ class Adapter:
         return sorted(self.unknown_reasons)
 
     @property
-    def path(self) -> str | None:
-        """The file the adapter was read from, or None for a dict of tensors."""
-        return self.name if os.path.isfile(self.name) else None
+    def resident_bytes(self) -> int:
+        """Bytes of factors kept on accelerators (see ``AdapterModule.resident_bytes``)."""
+        return sum(m.resident_bytes for m in self.modules.values())
+
+    def release(self, device=None) -> None:
+        """Drop the factors kept on ``device`` (every accelerator when None)."""
+        for m in self.modules.values():
+            m.release(device)
 
     def algorithms(self) -> Counter:
         return Counter(m.describe() for m in self.modules.values())
@@ -73,12 +81,14 @@ def load_adapter(source, *, allow_pickle: bool = False, peft_config: Mapping | N
     ``peft_config`` supplies PEFT's lora_alpha when the file has no alpha tensors; by
     default an ``adapter_config.json`` beside the file is used.
     """
+    path = None
     if isinstance(source, Mapping):
         tensors: TensorSource = DictSource(source)
     elif isinstance(source, TensorSource):
         tensors = source
     elif isinstance(source, (str, os.PathLike)):
         tensors = open_tensor_file(source, allow_pickle=allow_pickle)
+        path = os.path.abspath(source)
     else:
         raise TypeError(f"load_adapter takes a path or a dict of tensors, not {type(source).__name__}")
 
@@ -118,7 +128,7 @@ def load_adapter(source, *, allow_pickle: bool = False, peft_config: Mapping | N
     if not modules:
         sample = ", ".join(sorted(unknown)[:3]) or "the file has no tensors"
         raise AdapterFormatError(tensors.name, f"no usable adapter module found (keys: {sample})")
-    return Adapter(tensors, modules, unknown, alpha_source)
+    return Adapter(tensors, modules, unknown, alpha_source, path)
 
 
 # ---- alpha that lives outside the tensors ------------------------------------------------
@@ -168,18 +178,28 @@ def _find_peft_config(tensors, source, peft_config):
         return dict(peft_config), "argument"
     raw = tensors.metadata.get("lora_adapter_metadata")
     if raw:
-        try:
-            return json.loads(raw), "metadata"
-        except ValueError:
-            pass
+        return _parse_config(raw, tensors.name, "its lora_adapter_metadata header field"), "metadata"
     if isinstance(source, (str, os.PathLike)):
         sidecar = Path(source).with_name(PEFT_CONFIG)
-        if sidecar.is_file() and sidecar.stat().st_size < 1_000_000:
+        if sidecar.is_file():
+            if sidecar.stat().st_size > MAX_CONFIG_BYTES:
+                raise AdapterFormatError(str(sidecar), f"PEFT config is over {MAX_CONFIG_BYTES} bytes; "
+                                         "without it the adapter would apply at the wrong strength")
             try:
-                return json.loads(sidecar.read_text(encoding="utf-8")), str(sidecar)
-            except (ValueError, UnicodeDecodeError):
-                return None, None
+                text = sidecar.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise AdapterFormatError(str(sidecar), f"PEFT config is not UTF-8 text: {exc}") from None
+            return _parse_config(text, str(sidecar), "it"), str(sidecar)
     return None, None
+
+
+def _parse_config(text: str, name: str, what: str):
+    """PEFT's alpha lives only here: an unreadable config is refused, never ignored (wrong strength)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFormatError(name, f"PEFT config in {what} is not valid JSON ({exc}); "
+                                 "without lora_alpha the adapter would apply at the wrong strength") from None
 
 
 def _config_for(config: dict, module: str) -> dict | None:

@@ -15,21 +15,22 @@ import time
 
 import torch
 
-from .errors import ArchitectureMismatchError
-from .merge import (
+from ..errors import ArchitectureMismatchError
+from ..io.reader import SafetensorsSource
+from ..keymap import detect_model, kohya_name
+from ..keymap.spaces import space_table
+from .common import (
     SAVE_DTYPES,
-    ErrorTotals,
     MergeError,
-    MergeReport,
     Progress,
     ProgressFn,
-    _skip,
-    factorize,
+    check_files,
+    check_rank,
+    check_write,
     file_identity,
-    kohya_name,
-    record,
-    save_lora,
+    skip_row,
 )
+from .merge import ErrorTotals, MergeReport, factorize, record, save_lora
 
 SKIP_NAMES = {
     "text_model.embeddings.token_embedding": "embedding (not a LoRA target)",
@@ -51,36 +52,8 @@ def _slot_tensor(reader, slot, cache: dict) -> torch.Tensor:
     return w.to(torch.float32)
 
 
-def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: str = "fixed",
-                    rank_param: float = 16, conv_rank_param: float | None = None, conv_tucker: bool = False,
-                    svd: str = "auto", parts: tuple[str, ...] = ("unet", "te1", "te2"), min_diff: float = 0.0,
-                    dry_run: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
-                    save_dtype: str = "fp16") -> MergeReport:
-    """LoCon of ``tuned − base`` (see the module docstring); ``conv_rank_param`` for k×k convs."""
-    from .keymap import detect_model
-    from .keymap.spaces import space_table
-    from .reader import SafetensorsSource
-    from .svd import _threads, check_mode
-    from .writer import check_output
-
-    started = time.perf_counter()
-    try:
-        check_mode(rank_mode, rank_param)
-        if conv_rank_param is not None:
-            check_mode(rank_mode, conv_rank_param)
-    except ValueError as exc:
-        raise MergeError(str(exc)) from None
-    if save_dtype not in SAVE_DTYPES:
-        raise MergeError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, not {save_dtype!r}")
-    for path in (base, tuned):
-        if not os.path.isfile(path):
-            raise MergeError(f"checkpoint {path} does not exist")
-    if not dry_run:
-        if out_path is None:
-            raise MergeError("an output path is needed unless dry_run is set")
-        check_output(out_path, overwrite)
-
-    src_a, src_b = SafetensorsSource(base), SafetensorsSource(tuned)
+def _pairs(src_a, src_b, parts, report: MergeReport) -> list[tuple]:
+    """(kohya name, base slot, tuned slot) of every extractable weight; the rest become report rows."""
     shapes_a = {k: src_a.shape(k) for k in src_a}
     shapes_b = {k: src_b.shape(k) for k in src_b}
     layout_a, layout_b = detect_model(shapes_a), detect_model(shapes_b)
@@ -90,7 +63,6 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
         raise ArchitectureMismatchError(f"base is {layout_a.describe()} but tuned is {layout_b.describe()}")
     arch = layout_a.arch
     table_a, table_b = space_table(arch, layout_a.space), space_table(arch, layout_b.space)
-    report = MergeReport(dry_run=dry_run, title="extract")
     report.match_lines.append(f"base: {layout_a.describe()}; tuned: {layout_b.describe()}")
     todo = []
     for (part, canonical), slot in table_a.slots.items():
@@ -98,18 +70,35 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
             continue
         name = kohya_name(arch, part, canonical)
         if len(slot.shape) < 2:
-            continue  # norms: silently outside LoRA, listed once below
+            continue  # norms: silently outside LoRA, counted once below
         if canonical in SKIP_NAMES:
-            report.rows.append(_skip(name, SKIP_NAMES[canonical]))
+            report.rows.append(skip_row(name, SKIP_NAMES[canonical]))
             continue
         other = table_b.slots.get((part, canonical))
         if other is None or other.weight_key not in shapes_b or slot.weight_key not in shapes_a:
-            report.rows.append(_skip(name, "missing from one checkpoint"))
+            report.rows.append(skip_row(name, "missing from one checkpoint"))
             continue
-        todo.append((part, canonical, name, slot, other))
+        todo.append((name, slot, other))
     norms = sum(1 for (p, _c), s in table_a.slots.items() if p in parts and len(s.shape) < 2)
     if norms:
         report.match_lines.append(f"{norms} norm weights are not extracted (LoRA covers matrices and convs)")
+    return todo
+
+
+def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: str = "fixed",
+                    rank_param: float = 16, conv_rank_param: float | None = None, conv_tucker: bool = False,
+                    svd: str = "auto", parts: tuple[str, ...] = ("unet", "te1", "te2"), min_diff: float = 0.0,
+                    dry_run: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
+                    save_dtype: str = "fp16") -> MergeReport:
+    """LoCon of ``tuned − base`` (see the module docstring); ``conv_rank_param`` for k×k convs."""
+    started = time.perf_counter()
+    check_rank(rank_mode, [rank_param, conv_rank_param], save_dtype, svd)
+    check_files(base, tuned)
+    check_write(out_path, dry_run, overwrite, [base, tuned])
+
+    src_a, src_b = SafetensorsSource(base), SafetensorsSource(tuned)
+    report = MergeReport(dry_run=dry_run, title="extract")
+    todo = _pairs(src_a, src_b, parts, report)
 
     totals = ErrorTotals()
     tensors: dict[str, torch.Tensor] = {}
@@ -117,18 +106,17 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
     cache_b: dict = {}
     bar = Progress(len(todo), "extract", progress, unit="module")
     try:
-        for _part, _canonical, name, slot, other in todo:
+        for name, slot, other in todo:
             shape = tuple(slot.shape)
-            with _threads(math.prod(shape)):
-                delta = _slot_tensor(src_b, other, cache_b) - _slot_tensor(src_a, slot, cache_a)
-                peak = float(delta.abs().max()) if delta.numel() else 0.0
-                if peak <= min_diff:
-                    report.rows.append(_skip(name, "unchanged" if peak == 0 else f"max |ΔW| {peak:.2e} <= min_diff"))
-                    bar.update()
-                    continue
-                is_conv = len(shape) > 2 and math.prod(shape[2:]) > 1
-                param = conv_rank_param if (is_conv and conv_rank_param is not None) else rank_param
-                factorized = factorize(delta, rank_mode, param, conv_tucker, svd, SAVE_DTYPES[save_dtype])
+            delta = _slot_tensor(src_b, other, cache_b) - _slot_tensor(src_a, slot, cache_a)
+            peak = float(delta.abs().max()) if delta.numel() else 0.0
+            if peak <= min_diff:
+                report.rows.append(skip_row(name, "unchanged" if peak == 0 else f"max |ΔW| {peak:.2e} <= min_diff"))
+                bar.update()
+                continue
+            is_conv = len(shape) > 2 and math.prod(shape[2:]) > 1
+            param = conv_rank_param if (is_conv and conv_rank_param is not None) else rank_param
+            factorized = factorize(delta, rank_mode, param, conv_tucker, svd, SAVE_DTYPES[save_dtype])
             record(report, totals, tensors, name, factorized, dry_run)
             bar.update()
             if bar.done % 16 == 0:  # drop the memory maps: read pages would count as resident

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import LycorisError, OutputExistsError
+from ..errors import LycorisError, OutputExistsError
 from .reader import read_safetensors_header
 
 

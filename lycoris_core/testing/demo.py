@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..io.writer import save_tensors
 from .synthetic import module_tensors
-from .writer import save_tensors
 
 # (kohya module name, weight shape) — a slice of SD1.5: attention, feed-forward, conv, text encoder
 DEMO_MODULES: tuple[tuple[str, tuple[int, ...]], ...] = (
