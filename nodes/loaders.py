@@ -56,14 +56,23 @@ def _result(text: str, *outputs):
     return {"ui": {"lycoris": [text]}, "result": (*outputs, text)}
 
 
-class LycorisLoader:
-    DESCRIPTION = "Apply one LoRA/LyCORIS adapter (LoRA, LoCon, LoHa, LoKr, full, IA3, GLoRA, OFT/BOFT, DoRA) to MODEL and CLIP."
+class _OneAdapter:
+    """What the single-adapter nodes share: re-run when their file changes on disk."""
+
+    FUNCTION = "apply"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def IS_CHANGED(cls, adapter_name=None, **_):
+        return _file_state([adapter_name])
+
+
+class LycorisLoader(_OneAdapter):
+    DESCRIPTION = "Apply one LoRA/LyCORIS adapter (LoRA, LoCon, LoHa, LoKr, full, IA3, GLoRA, OFT/BOFT, DoRA) to MODEL and CLIP."
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "info")
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.",
                        "How the adapter matched the model, and its trigger words.")
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,10 +87,6 @@ class LycorisLoader:
             "optional": {"block_weights": _blocks_input()},
         }
 
-    @classmethod
-    def IS_CHANGED(cls, adapter_name=None, **_):
-        return _file_state([adapter_name])
-
     def apply(self, model, clip, adapter_name, strength_model, strength_clip, block_weights=""):
         model, clip, _, lines = glue.apply_stack(
             model, clip, [(adapter_name, strength_model, strength_clip, block_weights)]
@@ -89,12 +94,10 @@ class LycorisLoader:
         return _result(_report(lines, [adapter_name]), model, clip)
 
 
-class LycorisLoaderModelOnly:
+class LycorisLoaderModelOnly(_OneAdapter):
     DESCRIPTION = "Apply one LoRA/LyCORIS adapter to the diffusion model only."
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "info")
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -106,10 +109,6 @@ class LycorisLoaderModelOnly:
             },
             "optional": {"block_weights": _blocks_input()},
         }
-
-    @classmethod
-    def IS_CHANGED(cls, adapter_name=None, **_):
-        return _file_state([adapter_name])
 
     def apply(self, model, adapter_name, strength_model, block_weights=""):
         model, _, _, lines = glue.apply_stack(model, None, [(adapter_name, strength_model, 0.0, block_weights)])
@@ -162,9 +161,8 @@ class LycorisStack:
         return _result(_report(lines, [r[0] for r in rows]), model, clip)
 
 
-class LycorisInfo:
+class LycorisInfo(_OneAdapter):
     DESCRIPTION = "Describe an adapter file: algorithms, ranks, alpha, base model, architecture, trigger words, blocks."
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "STRING", "STRING")
     RETURN_NAMES = ("summary", "trigger_words", "blocks_touched")
     FUNCTION = "describe"
@@ -173,10 +171,6 @@ class LycorisInfo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"adapter_name": _adapter_input()}}
-
-    @classmethod
-    def IS_CHANGED(cls, adapter_name=None, **_):
-        return _file_state([adapter_name])
 
     def describe(self, adapter_name):
         adapter = glue.load(adapter_name)

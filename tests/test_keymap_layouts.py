@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from keymap_models import diffusers_state_shapes
+from real_comfyui import COMFYUI, SKIP_REASON
 
 from lycoris_core.keymap import diffusers_to_ldm, modules, state_shapes
 from lycoris_core.keymap.names import alias_index
@@ -17,7 +17,6 @@ from lycoris_core.keymap.sd_layouts import block_id
 from lycoris_core.keymap.spaces import space_table
 
 ARCHS = ("sd1", "sd2", "sdxl")
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", "/work/comfyui"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -184,8 +183,8 @@ def test_no_alias_names_two_modules(arch):
 @pytest.fixture(scope="module")
 def comfy_oracle():
     """ComfyUI's own tables for every architecture, from one subprocess."""
-    if not (COMFYUI / "comfy").is_dir():
-        pytest.skip(f"no ComfyUI checkout at {COMFYUI} (set COMFYUI_PATH)")
+    if COMFYUI is None:
+        pytest.skip(SKIP_REASON)
     script = Path(__file__).with_name("keymap_comfy_oracle.py")
     done = subprocess.run(
         [sys.executable, str(script), str(COMFYUI)], capture_output=True, text=True, timeout=300

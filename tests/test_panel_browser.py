@@ -65,6 +65,24 @@ def choose(page, selector: str, value: str) -> None:
     page.get_by_role("option", name=value, exact=True).first.click()
 
 
+def test_the_first_adapter_is_previewed_on_load_and_tables_wait_for_data(page, panel):
+    # a new user sees the first adapter's summary at once, and no empty "1 2 3" placeholder tables
+    first = page.locator("#lycoris-adapter input").input_value()
+    sync_api.expect(page.locator("#lycoris-summary")).to_contain_text(first)
+    sync_api.expect(page.locator("#lycoris-modules")).to_be_visible()
+    sync_api.expect(page.locator("#lycoris-match-ckpt")).to_be_visible()
+    assert page.locator("#lycoris-report").count() == 0 or not page.locator("#lycoris-report").is_visible()
+    page.get_by_role("tab", name="Preview").click()
+
+
+def test_choosing_an_adapter_shows_its_preview_without_a_click(page, panel):
+    choose(page, "#lycoris-adapter", "demo_loha.safetensors")
+    summary = page.locator("#lycoris-summary")
+    sync_api.expect(summary).to_contain_text("demo_loha.safetensors")
+    sync_api.expect(page.locator("#lycoris-modules")).to_contain_text("loha")
+    assert_no_error(page, "choose")
+
+
 def test_preview_a_demo_adapter_and_match_it(page, panel):
     choose(page, "#lycoris-adapter", "demo_lora.safetensors")
     page.click("#lycoris-preview-btn")

@@ -4,14 +4,16 @@
 after they have started writing (SIGKILL, SIGTERM, SIGINT), or run against a full
 disk (a file-size rlimit with SIGXFSZ ignored, or a tiny tmpfs when mounting works).
 After each: the final output name is absent, the source files hash as before, and
-after a clean error (full disk, SIGINT) no ``*.partial`` temp file is left.  A
-SIGKILL (or a SIGTERM, which the CLI does not handle) can leave the temp file: it is
-named ``.<output>.<random>.partial``, never the output's name, and a rerun succeeds.
+after a clean error (full disk, SIGINT, SIGTERM: the CLI unwinds on both) no
+``*.partial`` temp file is left.  A SIGKILL can leave the temp file: it is named
+``.<output>.<random>.partial``, never the output's name, and a rerun succeeds.
 
-To stop a child *while* it writes, without depending on the machine's speed, the child
-runs the real CLI (``runpy`` of ``lycoris_core.__main__``) with the write calls slowed
-down: ``StreamWriter.write`` (bake) sleeps after each tensor and ``save_file`` (merge)
-sleeps after writing the temp file, before the rename.
+To stop a child *while* it writes, whatever the machine's load, the child runs the real
+CLI (``runpy`` of ``lycoris_core.__main__``) with one hook: in the main thread, in the
+middle of the write (bake: after patching the first tensor, with the reader and writer
+threads running and the temp file open; merge: after the temp file is written, before
+the rename), it creates a marker file and waits there until the test's signal arrives.
+The test signals only once the marker exists, so the stop always lands mid-write.
 """
 
 from __future__ import annotations
@@ -37,26 +39,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import os, sys, time, runpy
-delay = float(os.environ.get("RELIABILITY_WRITE_DELAY", "0"))
-if delay:
-    import lycoris_core.io.stream as bake, lycoris_core.io.writer as writer
-    write, save = bake.StreamWriter.write, writer.save_file
-    def slow_write(self, key, tensor):
-        write(self, key, tensor)
-        self.fh.flush()
-        time.sleep(delay)
-    def slow_save(*args, **kwargs):
+hold = os.environ.get("RELIABILITY_HOLD")
+if hold:
+    import lycoris_core.io.writer as writer, lycoris_core.tools.bake as bake
+
+    def held():
+        open(hold, "w").close()  # the test signals once it sees this
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        sys.exit(3)  # no signal came: the test fails on the exit code
+
+    save, patch = writer.save_file, bake.patched_value
+
+    def save_then_hold(*args, **kwargs):
         save(*args, **kwargs)
-        time.sleep(delay * 50)
-    bake.StreamWriter.write = slow_write
-    if hasattr(bake.StreamWriter, "write_bytes"):  # untouched tensors copied as raw bytes
-        write_bytes = bake.StreamWriter.write_bytes
-        def slow_write_bytes(self, key, data):
-            write_bytes(self, key, data)
-            self.fh.flush()
-            time.sleep(delay)
-        bake.StreamWriter.write_bytes = slow_write_bytes
-    writer.save_file = slow_save
+        held()
+
+    def patch_then_hold(*args, **kwargs):
+        patch(*args, **kwargs)
+        held()
+
+    writer.save_file, bake.patched_value = save_then_hold, patch_then_hold
 sys.argv = ["lycoris_core", *sys.argv[1:]]
 runpy.run_module("lycoris_core", run_name="__main__", alter_sys=True)
 """
@@ -97,11 +101,21 @@ def command(kind: str, files: dict, out: Path) -> list[str]:
     return ["merge", "-a", f"{files['lora']}@0.8", "-a", str(files["loha"]), "--rank", "8", "-o", str(out)]
 
 
-def start(args: list[str], delay: float = 0.0, preexec=None) -> subprocess.Popen:
+def start(args: list[str], hold: Path | None = None, preexec=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               RELIABILITY_WRITE_DELAY=str(delay), OMP_NUM_THREADS="1")
+               RELIABILITY_HOLD=str(hold or ""), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+
+
+def wait_until_held(proc: subprocess.Popen, marker: Path, kind: str) -> None:
+    """Wait (however long the machine takes) until the child holds in the middle of its write."""
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"{kind} ended before it held: {proc.returncode} {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "the write never started"
+        time.sleep(0.01)
 
 
 def partials(folder: Path) -> list[Path]:
@@ -122,17 +136,11 @@ if LONG:
 def test_killed_while_writing_leaves_no_output_and_sources_untouched(tmp_path, sources, kind, sig):
     files, _ = sources
     out = tmp_path / "out.safetensors"
-    proc = start(command(kind, files, out), delay=0.05)
-    deadline = time.monotonic() + 120
+    proc = start(command(kind, files, out), hold=tmp_path / "held")
     try:
-        while True:  # wait until the temp file holds bytes: the write has started
-            found = [p for p in partials(tmp_path) if p.stat().st_size > 0]
-            if found:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"{kind} ended before it was stopped: {proc.returncode} {proc.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "the write never started"
-            time.sleep(0.005)
+        wait_until_held(proc, tmp_path / "held", kind)
+        found = [p for p in partials(tmp_path) if p.stat().st_size > 0]
+        assert found, "the child holds mid-write, so its temp file exists and holds bytes"
         written = found[0].stat().st_size
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=60)
@@ -148,7 +156,10 @@ def test_killed_while_writing_leaves_no_output_and_sources_untouched(tmp_path, s
     left = partials(tmp_path)
     if sig == signal.SIGINT:  # KeyboardInterrupt unwinds through atomic_path, which removes its temp
         assert not left, left
-    else:  # SIGKILL (and SIGTERM, unhandled by the CLI) end the process at once
+    elif sig == signal.SIGTERM:  # the CLI turns SIGTERM into the same unwinding
+        t.add(f".partial left after {sig.name}", len(left))
+        assert not left, left
+    else:  # SIGKILL ends the process at once
         t.add(f".partial left after {sig.name}", len(left))
         assert all(p.name.startswith(".out.safetensors.") for p in left)
     t.peak("bytes written before the stop", written)
@@ -164,12 +175,9 @@ def test_killed_while_writing_leaves_no_output_and_sources_untouched(tmp_path, s
 def test_sigterm_cleans_up_its_temp_file(tmp_path, sources):
     files, _ = sources
     out = tmp_path / "out.safetensors"
-    proc = start(command("merge", files, out), delay=0.05)
+    proc = start(command("merge", files, out), hold=tmp_path / "held")
     try:
-        deadline = time.monotonic() + 120
-        while not [p for p in partials(tmp_path) if p.stat().st_size > 0]:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_until_held(proc, tmp_path / "held", "merge")
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:

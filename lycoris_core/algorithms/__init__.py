@@ -14,13 +14,12 @@ Never does I/O beyond the lazy tensor source, never decides where a weight lives
 from __future__ import annotations
 
 from .base import AdapterModule
-from .full import Full
+from .full import Full, Norm
 from .glora import GLoRA
 from .ia3 import IA3
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
-from .norm import Norm
 from .oft import BOFT, DiagOFT
 
 ALGORITHMS: tuple[type[AdapterModule], ...] = (LoRA, LoHa, LoKr, Full, Norm, GLoRA, DiagOFT, BOFT, IA3)

@@ -55,6 +55,8 @@ class AdapterModule:
     cheap_delta: bool = False
     #: the delta is built in row tiles by ``row_fill`` (set by modules that can, see ``numerics.tiles``)
     tiled: bool = False
+    #: the role of a stored bias delta, for algorithms that carry one (full: diff_b, norms: b_norm)
+    bias_role: str | None = None
 
     def __init__(self, name: str, keys: Mapping[str, str], source: TensorSource,
                  default_alpha: float | None = None):
@@ -166,8 +168,16 @@ class AdapterModule:
         raise NotImplementedError
 
     def reference_delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The algorithm's formula written plainly (no tiles), for tests to compare the fast path with."""
+        """The algorithm's formula (before DoRA) written plainly in float64, as its module docstring has it."""
         raise NotImplementedError
+
+    def reference(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW by the plain formulas in float64, DoRA included: what tests hold ``delta`` against."""
+        raw = self.reference_delta(weight)
+        if not self.dora:
+            return raw
+        w0 = weight.double()
+        return dora.reference_delta(w0, raw.reshape(w0.shape), self._t("dora_scale"), self.dora_axis)
 
     @property
     def _dora_rows(self) -> bool:
@@ -195,7 +205,7 @@ class AdapterModule:
 
     def bias_delta(self, device=None) -> torch.Tensor | None:
         """float32 bias delta at strength 1 on ``device``, for algorithms that carry one."""
-        return None
+        return self._t(self.bias_role, device) if self.has_bias else None
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U, V), float32, with U @ V == delta() flattened to (out, in·k·k), or None.
@@ -207,7 +217,7 @@ class AdapterModule:
 
     @property
     def has_bias(self) -> bool:
-        return False
+        return self.bias_role is not None and self._has(self.bias_role)
 
     # ---- sizes ---------------------------------------------------------------------------
     @property

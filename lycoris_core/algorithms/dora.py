@@ -26,8 +26,8 @@ def reference_delta(w0: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, ax
     """The formula itself, in float64 (for tests)."""
     merged = w0.double() + raw.double()
     dims = tuple(d for d in range(merged.dim()) if d != (0 if axis == "out" else 1))
-    norm = merged.norm(dim=dims, keepdim=True)
-    return (scale.double().reshape(norm.shape) * merged / (norm + EPS) - w0.double()).float()
+    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+    return scale.double().reshape(norm.shape) * merged / (norm + EPS) - w0.double()
 
 
 def axis_of(scale_shape: tuple[int, ...], out_rows: int | None, peft: bool) -> str | None:

@@ -36,7 +36,9 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
 
 class _Orthogonal(AdapterModule):
     suffixes = {".oft_blocks": "oft_blocks", ".rescale": "rescale"}
+    required = ("oft_blocks",)
     optional = ("rescale",)
+    block_dims = 0  # 3: Diag-OFT (n, b, b); 4: BOFT (stages, n, b, b)
     uses_weight = True
     linear_in_strength = False
 
@@ -48,6 +50,10 @@ class _Orthogonal(AdapterModule):
             r = self._shape("rescale")
             if not r or r[0] != self.shape[0] or math.prod(r) != self.shape[0]:
                 raise self._fail(f"rescale {r} does not match {self.shape[0]} output rows", "rescale")
+
+    @classmethod
+    def claims(cls, roles, shape_of) -> bool:
+        return "oft_blocks" in roles and len(shape_of("oft_blocks")) == cls.block_dims
 
     def fits(self, weight_shape) -> bool:
         return len(weight_shape) >= 1 and weight_shape[0] == self.shape[0]
@@ -76,11 +82,7 @@ class _Orthogonal(AdapterModule):
 
 class DiagOFT(_Orthogonal):
     algo = "diag-oft"
-    required = ("oft_blocks",)
-
-    @classmethod
-    def claims(cls, roles, shape_of) -> bool:
-        return "oft_blocks" in roles and len(shape_of("oft_blocks")) == 3
+    block_dims = 3
 
     def _validate(self) -> None:
         blocks = self._shape("oft_blocks")
@@ -101,7 +103,6 @@ class DiagOFT(_Orthogonal):
         out = torch.einsum("knm,kn...->km...", rot, w).reshape(w0.shape)
         return self._rescaled(out, strength)
 
-
     def reference_delta(self, weight=None):
         w0 = weight.double()
         rot = torch.block_diag(*cayley(self._t("oft_blocks").double(), self._constraint()))
@@ -110,11 +111,7 @@ class DiagOFT(_Orthogonal):
 
 class BOFT(_Orthogonal):
     algo = "boft"
-    required = ("oft_blocks",)
-
-    @classmethod
-    def claims(cls, roles, shape_of) -> bool:
-        return "oft_blocks" in roles and len(shape_of("oft_blocks")) == 4
+    block_dims = 4
 
     def _validate(self) -> None:
         blocks = self._shape("oft_blocks")

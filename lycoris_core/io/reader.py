@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..errors import AdapterFormatError, PickleRefusedError
 from ..numerics.checks import is_finite
@@ -123,8 +126,6 @@ class SafetensorsSource(TensorSource):
 
     def _open(self):
         if self._handle is None:
-            from safetensors import safe_open
-
             try:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             except Exception as exc:  # validated already; anything left is still a format error
@@ -148,10 +149,6 @@ class SafetensorsSource(TensorSource):
 
     def mmap_tensor(self, key: str) -> torch.Tensor:
         """A read-only tensor viewing the file's bytes: no copy, no NaN check (for restoring originals)."""
-        import warnings
-
-        import numpy as np
-
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = self._entries[key]["data_offsets"]

@@ -151,98 +151,105 @@ def stream_copy(src_path: str, items: list[StreamItem], writer: StreamWriter, tr
     copied in chunks of ``CHUNK_BYTES``.  ``on_written(item, nbytes)`` is called from this
     (the calling) thread as each piece is handed to the writer.
     """
-    # sized once for the largest tensor: regrowing a buffer costs fresh pages each time
-    largest = max((item.nbytes for item in items if item.as_tensor), default=0)
-    raw_pool, tensor_pool = _Pool(RAW_BUFFERS, CHUNK_BYTES), _Pool(TENSOR_BUFFERS, largest)
-    ready: queue.Queue = queue.Queue()
-    to_write: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    failures: list[BaseException] = []
+    _StreamCopy(items, writer).run(src_path, transform, on_written)
 
-    def read_loop(fd):
+
+class _StreamCopy:
+    """The three threads of one ``stream_copy``: reader, the caller's transform, writer."""
+
+    def __init__(self, items: list[StreamItem], writer: StreamWriter):
+        self.items, self.writer = items, writer
+        # sized once for the largest tensor: regrowing a buffer costs fresh pages each time
+        largest = max((item.nbytes for item in items if item.as_tensor), default=0)
+        self.raw_pool, self.tensor_pool = _Pool(RAW_BUFFERS, CHUNK_BYTES), _Pool(TENSOR_BUFFERS, largest)
+        self.ready: queue.Queue = queue.Queue()  # (item, buffer, nbytes, pool) read, or None at the end
+        self.to_write: queue.Queue = queue.Queue()  # (key, data, nbytes, pool, buffer), or None to stop
+        self.stop = threading.Event()
+        self.failures: list[BaseException] = []
+
+    def read_loop(self, fd: int) -> None:
         try:
-            for item in items:
+            for item in self.items:
                 if item.as_tensor:
-                    if stop.is_set():
+                    if self.stop.is_set():
                         return
                     if item.nbytes == 0:
                         continue  # nothing to write: the writer skips empty entries
-                    buf = tensor_pool.take(item.nbytes)
+                    buf = self.tensor_pool.take(item.nbytes)
                     _read_into(fd, buf, item.nbytes, item.offset)
-                    ready.put((item, buf, item.nbytes, tensor_pool))
+                    self.ready.put((item, buf, item.nbytes, self.tensor_pool))
                     continue
                 for start in range(0, item.nbytes, CHUNK_BYTES):
-                    if stop.is_set():
+                    if self.stop.is_set():
                         return
                     n = min(CHUNK_BYTES, item.nbytes - start)
-                    buf = raw_pool.take(n)
+                    buf = self.raw_pool.take(n)
                     _read_into(fd, buf, n, item.offset + start)
-                    ready.put((item, buf, n, raw_pool))
+                    self.ready.put((item, buf, n, self.raw_pool))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            failures.append(exc)
+            self.failures.append(exc)
         finally:
-            ready.put(None)
+            self.ready.put(None)
 
-    def write_loop():
+    def write_loop(self) -> None:
         while True:
-            job = to_write.get()
+            job = self.to_write.get()
             if job is None:
                 return
             key, data, nbytes, pool, buf = job
             try:
-                if not failures:
-                    writer.skip_empty()
-                    writer.write_bytes(key, memoryview(data.numpy())[:nbytes])
+                if not self.failures:
+                    self.writer.skip_empty()
+                    self.writer.write_bytes(key, memoryview(data.numpy())[:nbytes])
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                failures.append(exc)
-                stop.set()
+                self.failures.append(exc)
+                self.stop.set()
             finally:
                 if pool is not None:
                     pool.give(buf)
 
-    fd = os.open(src_path, os.O_RDONLY)
-    reader = threading.Thread(target=read_loop, args=(fd,), name="bake-reader", daemon=True)
-    writing = threading.Thread(target=write_loop, name="bake-writer", daemon=True)
-    reader.start()
-    writing.start()
-    try:
-        while True:
-            job = ready.get()
-            if job is None:
-                break
-            if failures:
-                job[3].give(job[1])
-                continue
-            item, buf, nbytes, pool = job
-            if not item.as_tensor:
-                to_write.put((item.key, buf, nbytes, pool, buf))
-            else:
-                tensor = buf[:nbytes].view(DTYPES[item.dtype][0]).reshape(item.shape)
-                result = tensor if transform is None else transform(item, tensor)
-                if result is tensor or result.data_ptr() == tensor.data_ptr():
-                    to_write.put((item.key, buf, nbytes, pool, buf))
-                else:
-                    pool.give(buf)
-                    flat = result.contiguous().reshape(-1).view(torch.uint8)
-                    to_write.put((item.key, flat, flat.numel(), None, None))
-            if on_written is not None:
-                on_written(item, nbytes)
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        stop.set()
-        to_write.put(None)
-        writing.join()
-        # the writer gave every buffer back: a reader blocked in take() can finish
-        while reader.is_alive():
-            try:
-                job = ready.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if job is not None:
-                job[3].give(job[1])
-        reader.join()
-        os.close(fd)
-    if failures:
-        raise failures[0]
+    def hand_over(self, job, transform) -> None:
+        """One read piece to the writer, transformed first when it is a whole tensor."""
+        item, buf, nbytes, pool = job
+        if not item.as_tensor:
+            self.to_write.put((item.key, buf, nbytes, pool, buf))
+            return
+        tensor = buf[:nbytes].view(DTYPES[item.dtype][0]).reshape(item.shape)
+        result = tensor if transform is None else transform(item, tensor)
+        if result is tensor or result.data_ptr() == tensor.data_ptr():
+            self.to_write.put((item.key, buf, nbytes, pool, buf))
+        else:
+            pool.give(buf)
+            flat = result.contiguous().reshape(-1).view(torch.uint8)
+            self.to_write.put((item.key, flat, flat.numel(), None, None))
+
+    def run(self, src_path: str, transform, on_written) -> None:
+        fd = os.open(src_path, os.O_RDONLY)
+        reader = threading.Thread(target=self.read_loop, args=(fd,), name="stream-reader", daemon=True)
+        writing = threading.Thread(target=self.write_loop, name="stream-writer", daemon=True)
+        reader.start()
+        writing.start()
+        try:
+            while (job := self.ready.get()) is not None:
+                if self.failures:
+                    job[3].give(job[1])
+                    continue
+                self.hand_over(job, transform)
+                if on_written is not None:
+                    on_written(job[0], job[2])
+        finally:
+            self.stop.set()
+            self.to_write.put(None)
+            writing.join()
+            # the writer gave every buffer back: a reader blocked in take() can finish
+            while reader.is_alive():
+                try:
+                    job = self.ready.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if job is not None:
+                    job[3].give(job[1])
+            reader.join()
+            os.close(fd)
+        if self.failures:
+            raise self.failures[0]

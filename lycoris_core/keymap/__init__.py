@@ -3,7 +3,8 @@
 Tables, not string-replace chains: `sd_layouts` generates every module of each architecture
 from a small config, `spaces` places it in ComfyUI / checkpoint / diffusers key spaces,
 `names` turns each adapter naming scheme into the canonical names, `detect` recognises
-architectures and `mapping` decides per module. Pure python over names and shapes.
+architectures and `mapping` decides per module. Pure python over names and shapes: it never
+reads a tensor, never changes a model, and a refusal happens before any caller patches.
 """
 
 from .detect import ModelLayout, detect_adapter, detect_model

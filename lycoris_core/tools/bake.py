@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import __version__
 from ..adapter import load_adapter
 from ..errors import LycorisError
 from ..io.reader import DTYPES, read_safetensors_header
@@ -38,7 +39,6 @@ from .common import (
     MergeInput,
     Progress,
     ProgressFn,
-    __version__,
     check_files,
     check_write,
     footer,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import __version__
 from ..adapter import load_adapter
 from ..errors import ArchitectureMismatchError, WeightRangeError
 from ..io.reader import SafetensorsSource
@@ -37,7 +38,6 @@ from .common import (
     MergeInput,
     Progress,
     ProgressFn,
-    __version__,
     check_files,
     check_rank,
     check_write,

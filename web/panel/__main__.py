@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         folders = discover_folders(args.models, demo=args.demo)
     except PanelError as exc:
         parser.error(str(exc))
-    from .ui import build_ui
+    from .ui import build_ui  # here, not at the top: --help answers without importing Gradio
 
     print(f"LyCORIS panel: {folders.describe()}", file=sys.stderr)
     ui = build_ui(folders)

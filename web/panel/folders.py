@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .demo_models import ensure_demo
+
 MODELS_ENV = "LYCORIS_MODELS"
 SUFFIX = ".safetensors"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +172,5 @@ def discover_folders(models: str | os.PathLike | None = None, *, demo: bool = Fa
 
 
 def demo_folders() -> Folders:
-    from .demo_models import ensure_demo
-
     base = ensure_demo()
     return Folders(base / "loras", base / "checkpoints", "demo")

@@ -13,11 +13,12 @@ import math
 
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
 from lycoris_core import LycorisError
 
 from . import actions
-from .folders import Folders, PanelError
+from .folders import Folders, PanelError, discover_folders
 
 log = logging.getLogger("lycoris.panel")
 
@@ -80,23 +81,41 @@ def _short(name: str, width: int = 34) -> str:
 def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCORIS panel") -> gr.Blocks:
     """The panel as a ``gr.Blocks``: launch it, or mount it in another app (A1111 tab, FastAPI)."""
     if folders is None:
-        from .folders import discover_folders
-
         folders = discover_folders(models)
+    loras, checkpoints = folders.list("lora"), folders.list("checkpoint")
+    with gr.Blocks(title=title, analytics_enabled=False) as ui:
+        gr.Markdown(f"## {title}\n{folders.describe()}"
+                    + ("  \n*No model folder configured: showing the built-in demo models.*" if folders.is_demo else ""),
+                    elem_id="lycoris-folders")
+        with gr.Tab("Preview", id="preview"):
+            adapter, checkpoint, refresh_btn = _preview_tab(ui, folders, loras, checkpoints)
+        with gr.Tab("Merge", id="merge"):
+            picks, merge_ckpt = _merge_tab(folders, loras, checkpoints)
 
-    def lists():
-        return folders.list("lora"), folders.list("checkpoint")
+        def do_refresh(adapter_now, checkpoint_now, picks_now, merge_ckpt_now):
+            new_loras, new_ckpts = folders.list("lora"), folders.list("checkpoint")
+            keep = [p for p in (picks_now or []) if p in new_loras]
+            return (
+                gr.Dropdown(choices=new_loras, value=adapter_now if adapter_now in new_loras else None),
+                gr.Dropdown(choices=new_ckpts, value=checkpoint_now if checkpoint_now in new_ckpts else None),
+                gr.Dropdown(choices=new_loras, value=keep),
+                gr.Dropdown(choices=new_ckpts, value=merge_ckpt_now if merge_ckpt_now in new_ckpts else None),
+            )
 
-    loras, checkpoints = lists()
+        lists = [adapter, checkpoint, picks, merge_ckpt]
+        refresh_btn.click(do_refresh, lists, lists, api_name="refresh")
+    ui.lycoris_folders = folders
+    return ui
 
-    # ---- handlers ---------------------------------------------------------------------
+
+def _preview_tab(ui: gr.Blocks, folders: Folders, loras: list[str], checkpoints: list[str]):
+    """Adapter summary, trigger words, image, ‖ΔW‖ per block, modules, metadata, match report."""
+
     @_guard
     def do_preview(adapter, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         p = actions.preview(folders, adapter, progress=_engine_progress(progress))
         image = None
         if p.image_path is not None:
-            from PIL import Image
-
             with Image.open(p.image_path) as img:
                 img.thumbnail((768, 768))
                 image = img.convert("RGB")
@@ -107,6 +126,44 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
     def do_match(adapter, checkpoint):
         text, table = actions.match_report(folders, adapter, checkpoint)
         return text, _table(table)
+
+    with gr.Row(equal_height=True):
+        adapter = gr.Dropdown(choices=loras, value=loras[0] if loras else None, label="Adapter",
+                              allow_custom_value=True, scale=4, elem_id="lycoris-adapter")
+        preview_btn = gr.Button("Preview", variant="primary", scale=1, elem_id="lycoris-preview-btn")
+        refresh_btn = gr.Button("↻ Refresh lists", scale=1, elem_id="lycoris-refresh")
+    with gr.Row():
+        with gr.Column(scale=3):
+            summary = gr.Markdown("*Choose an adapter to see its summary.*", elem_id="lycoris-summary")
+            triggers = gr.Markdown(elem_id="lycoris-triggers")
+        with gr.Column(scale=1, min_width=200):
+            image = gr.Image(label="Preview image", type="pil", interactive=False, height=260, elem_id="lycoris-image")
+    block_plot = gr.BarPlot(x="block", y="dw_norm", title="ΔW norm per block (‖ΔW‖_F at strength 1)",
+                            x_title="block", y_title="‖ΔW‖", y_lim=[0, None], height=280, elem_id="lycoris-block-plot")
+    modules_df = gr.Dataframe(label="Modules", interactive=False, max_height=320, wrap=False,
+                              elem_id="lycoris-modules", visible=False)
+    with gr.Accordion("Metadata", open=False):
+        metadata_df = gr.Dataframe(label="Header metadata", interactive=False, max_height=320, wrap=True,
+                                   visible=False)
+    gr.Markdown("#### Match against a checkpoint (reads its header only)")
+    with gr.Row(equal_height=True):
+        checkpoint = gr.Dropdown(choices=checkpoints, value=checkpoints[0] if checkpoints else None,
+                                 label="Checkpoint", allow_custom_value=True, scale=4, elem_id="lycoris-match-ckpt")
+        match_btn = gr.Button("Match report", scale=1, elem_id="lycoris-match-btn")
+    match_md = gr.Markdown(elem_id="lycoris-match")
+    match_df = gr.Dataframe(label="Modules → checkpoint keys", interactive=False, max_height=320, visible=False)
+
+    preview_out = [summary, triggers, image, block_plot, modules_df, metadata_df]
+    preview_btn.click(do_preview, [adapter], preview_out, api_name="preview")
+    adapter.input(do_preview, [adapter], preview_out, api_name=False)  # chosen by the user: shown at once
+    if loras:
+        ui.load(do_preview, [adapter], preview_out, api_name=False)
+    match_btn.click(do_match, [adapter, checkpoint], [match_md, match_df], api_name="match_report")
+    return adapter, checkpoint, refresh_btn
+
+
+def _merge_tab(folders: Folders, loras: list[str], checkpoints: list[str]):
+    """Merge / convert / resize / bake: adapter rows, options, dry run, write, the per-module report."""
 
     def job_outputs(result: actions.JobResult):
         errors = result.errors.copy()
@@ -131,118 +188,63 @@ def build_ui(folders: Folders | None = None, *, models=None, title: str = "LyCOR
                                  progress=_engine_progress(progress))
         return job_outputs(result)
 
-    def do_refresh(adapter, checkpoint, picks, merge_ckpt):
-        new_loras, new_ckpts = lists()
-        keep = [p for p in (picks or []) if p in new_loras]
-        return (
-            gr.Dropdown(choices=new_loras, value=adapter if adapter in new_loras else None),
-            gr.Dropdown(choices=new_ckpts, value=checkpoint if checkpoint in new_ckpts else None),
-            gr.Dropdown(choices=new_loras, value=keep),
-            gr.Dropdown(choices=new_ckpts, value=merge_ckpt if merge_ckpt in new_ckpts else None),
-        )
+    gr.Markdown(HELP)
+    action = gr.Radio(choices=ACTION_CHOICES, value="merge", label="Action", elem_id="lycoris-action")
+    picks = gr.Dropdown(choices=loras, value=[], multiselect=True, label="Adapters", allow_custom_value=True,
+                        elem_id="lycoris-picks")
+    rows = gr.Dataframe(headers=actions.ROW_HEADERS, datatype=["str", "number", "number", "str"], type="array",
+                        interactive=True, label="Per adapter: UNet strength, CLIP strength, block weights (edit the cells)",
+                        elem_id="lycoris-rows")
+    with gr.Row():
+        merge_ckpt = gr.Dropdown(choices=checkpoints, value=None, allow_custom_value=True,
+                                 label="Checkpoint (bake: required; merge: optional base for DoRA/OFT)",
+                                 elem_id="lycoris-merge-ckpt")
+        dtype = gr.Dropdown(choices=list(actions.DTYPES), value="keep", label="Bake dtype")
+    with gr.Row():
+        rank_mode = gr.Dropdown(choices=list(actions.RANK_MODES), value="fixed", label="Rank mode")
+        rank_param = gr.Number(value=16, label="Rank / ratio / energy / threshold", elem_id="lycoris-rank")
+        conv_tucker = gr.Checkbox(value=False, label="Tucker for 3×3 convs")
+    with gr.Row(equal_height=True):
+        output_name = gr.Textbox(label="Output file name (.safetensors, saved in the adapter folder; "
+                                       "bake: in the checkpoint folder)",
+                                 placeholder="my_merge.safetensors", scale=3, elem_id="lycoris-output")
+        overwrite = gr.Checkbox(value=False, label="Overwrite an existing file", scale=1, elem_id="lycoris-overwrite")
+    with gr.Row():
+        dry_btn = gr.Button("Dry run (writes nothing)", elem_id="lycoris-dry-btn")
+        run_btn = gr.Button("Write", variant="primary", elem_id="lycoris-run-btn")
+    status = gr.Markdown(elem_id="lycoris-status")
+    error_plot = gr.BarPlot(x="module", y="rel_error", title="Relative error per module", x_title="module",
+                            y_title="‖ΔW − ΔW_r‖ / ‖ΔW‖", x_label_angle=-40, y_lim=[0, None], height=300,
+                            elem_id="lycoris-error-plot")
+    report_df = gr.Dataframe(label="Per-module report", interactive=False, max_height=320, elem_id="lycoris-report",
+                             visible=False)
+    with gr.Accordion("Report as text", open=False):
+        report_text = gr.Textbox(show_label=False, lines=8, max_lines=20)
 
-    def sync_rows(picks, rows):
-        """One strength row per chosen adapter, keeping what was typed for those already there."""
-        old = {}
-        for row in actions._rows(rows):
-            if row and isinstance(row[0], str) and row[0]:
-                old[row[0]] = list(row) + [None] * (4 - len(row))
-        out = []
-        for name in picks or []:
-            prev = old.get(name)
-            unet = prev[1] if prev and _finite(prev[1]) else 1.0
-            clip = prev[2] if prev and _finite(prev[2]) else 1.0
-            blocks = prev[3] if prev and isinstance(prev[3], str) else ""
-            out.append([name, unet, clip, blocks])
-        return pd.DataFrame(out, columns=actions.ROW_HEADERS)
+    picks.change(_sync_rows, [picks, rows], [rows], api_name=False)
+    job_inputs = [action, rows, merge_ckpt, rank_mode, rank_param, conv_tucker, dtype]
+    job_out = [status, error_plot, report_df, report_text]
+    dry_btn.click(do_dry_run, job_inputs, job_out, api_name="dry_run", concurrency_limit=1,
+                  concurrency_id=WRITE_QUEUE)
+    run_btn.click(do_run, job_inputs + [output_name, overwrite], job_out, api_name="run", concurrency_limit=1,
+                  concurrency_id=WRITE_QUEUE)
+    return picks, merge_ckpt
 
-    # ---- layout -----------------------------------------------------------------------
-    with gr.Blocks(title=title, analytics_enabled=False) as ui:
-        gr.Markdown(f"## {title}\n{folders.describe()}"
-                    + ("  \n*No model folder configured: showing the built-in demo models.*" if folders.is_demo else ""),
-                    elem_id="lycoris-folders")
-        with gr.Tab("Preview", id="preview"):
-            with gr.Row(equal_height=True):
-                adapter = gr.Dropdown(choices=loras, value=loras[0] if loras else None, label="Adapter",
-                                      allow_custom_value=True, scale=4, elem_id="lycoris-adapter")
-                preview_btn = gr.Button("Preview", variant="primary", scale=1, elem_id="lycoris-preview-btn")
-                refresh_btn = gr.Button("↻ Refresh lists", scale=1, elem_id="lycoris-refresh")
-            with gr.Row():
-                with gr.Column(scale=3):
-                    summary = gr.Markdown("*Choose an adapter to see its summary.*", elem_id="lycoris-summary")
-                    triggers = gr.Markdown(elem_id="lycoris-triggers")
-                with gr.Column(scale=1, min_width=200):
-                    image = gr.Image(label="Preview image", type="pil", interactive=False, height=260,
-                                     elem_id="lycoris-image")
-            block_plot = gr.BarPlot(x="block", y="dw_norm", title="ΔW norm per block (‖ΔW‖_F at strength 1)",
-                                    x_title="block", y_title="‖ΔW‖", y_lim=[0, None], height=280, elem_id="lycoris-block-plot")
-            modules_df = gr.Dataframe(label="Modules", interactive=False, max_height=320, wrap=False,
-                                      elem_id="lycoris-modules", visible=False)
-            with gr.Accordion("Metadata", open=False):
-                metadata_df = gr.Dataframe(label="Header metadata", interactive=False, max_height=320, wrap=True, visible=False)
-            gr.Markdown("#### Match against a checkpoint (reads its header only)")
-            with gr.Row(equal_height=True):
-                checkpoint = gr.Dropdown(choices=checkpoints, value=checkpoints[0] if checkpoints else None,
-                                         label="Checkpoint", allow_custom_value=True, scale=4,
-                                         elem_id="lycoris-match-ckpt")
-                match_btn = gr.Button("Match report", scale=1, elem_id="lycoris-match-btn")
-            match_md = gr.Markdown(elem_id="lycoris-match")
-            match_df = gr.Dataframe(label="Modules → checkpoint keys", interactive=False, max_height=320, visible=False)
 
-        with gr.Tab("Merge", id="merge"):
-            gr.Markdown(HELP)
-            action = gr.Radio(choices=ACTION_CHOICES, value="merge", label="Action", elem_id="lycoris-action")
-            picks = gr.Dropdown(choices=loras, value=[], multiselect=True, label="Adapters",
-                                allow_custom_value=True, elem_id="lycoris-picks")
-            rows = gr.Dataframe(headers=actions.ROW_HEADERS, datatype=["str", "number", "number", "str"],
-                                type="array", interactive=True, label=(
-                                    "Per adapter: UNet strength, CLIP strength, block weights (edit the cells)"),
-                                elem_id="lycoris-rows")
-            with gr.Row():
-                merge_ckpt = gr.Dropdown(choices=checkpoints, value=None, allow_custom_value=True,
-                                         label="Checkpoint (bake: required; merge: optional base for DoRA/OFT)",
-                                         elem_id="lycoris-merge-ckpt")
-                dtype = gr.Dropdown(choices=list(actions.DTYPES), value="keep", label="Bake dtype")
-            with gr.Row():
-                rank_mode = gr.Dropdown(choices=list(actions.RANK_MODES), value="fixed", label="Rank mode")
-                rank_param = gr.Number(value=16, label="Rank / ratio / energy / threshold", elem_id="lycoris-rank")
-                conv_tucker = gr.Checkbox(value=False, label="Tucker for 3×3 convs")
-            with gr.Row(equal_height=True):
-                output_name = gr.Textbox(label="Output file name (.safetensors, saved in the adapter folder; "
-                                               "bake: in the checkpoint folder)",
-                                         placeholder="my_merge.safetensors", scale=3, elem_id="lycoris-output")
-                overwrite = gr.Checkbox(value=False, label="Overwrite an existing file", scale=1,
-                                        elem_id="lycoris-overwrite")
-            with gr.Row():
-                dry_btn = gr.Button("Dry run (writes nothing)", elem_id="lycoris-dry-btn")
-                run_btn = gr.Button("Write", variant="primary", elem_id="lycoris-run-btn")
-            status = gr.Markdown(elem_id="lycoris-status")
-            error_plot = gr.BarPlot(x="module", y="rel_error", title="Relative error per module",
-                                    x_title="module", y_title="‖ΔW − ΔW_r‖ / ‖ΔW‖", x_label_angle=-40, y_lim=[0, None],
-                                    height=300, elem_id="lycoris-error-plot")
-            report_df = gr.Dataframe(label="Per-module report", interactive=False, max_height=320,
-                                     elem_id="lycoris-report", visible=False)
-            with gr.Accordion("Report as text", open=False):
-                report_text = gr.Textbox(show_label=False, lines=8, max_lines=20)
-
-        # ---- events -------------------------------------------------------------------
-        preview_out = [summary, triggers, image, block_plot, modules_df, metadata_df]
-        preview_btn.click(do_preview, [adapter], preview_out, api_name="preview")
-        adapter.input(do_preview, [adapter], preview_out, api_name=False)  # chosen by the user: shown at once
-        if loras:
-            ui.load(do_preview, [adapter], preview_out, api_name=False)
-        match_btn.click(do_match, [adapter, checkpoint], [match_md, match_df], api_name="match_report")
-        refresh_btn.click(do_refresh, [adapter, checkpoint, picks, merge_ckpt], [adapter, checkpoint, picks, merge_ckpt],
-                          api_name="refresh")
-        picks.change(sync_rows, [picks, rows], [rows], api_name=False)
-        job_inputs = [action, rows, merge_ckpt, rank_mode, rank_param, conv_tucker, dtype]
-        job_out = [status, error_plot, report_df, report_text]
-        dry_btn.click(do_dry_run, job_inputs, job_out, api_name="dry_run",
-                      concurrency_limit=1, concurrency_id=WRITE_QUEUE)
-        run_btn.click(do_run, job_inputs + [output_name, overwrite], job_out, api_name="run",
-                      concurrency_limit=1, concurrency_id=WRITE_QUEUE)
-    ui.lycoris_folders = folders
-    return ui
+def _sync_rows(picks, rows):
+    """One strength row per chosen adapter, keeping what was typed for those already there."""
+    old = {}
+    for row in actions._rows(rows):
+        if row and isinstance(row[0], str) and row[0]:
+            old[row[0]] = list(row) + [None] * (4 - len(row))
+    out = []
+    for name in picks or []:
+        prev = old.get(name)
+        unet = prev[1] if prev and _finite(prev[1]) else 1.0
+        clip = prev[2] if prev and _finite(prev[2]) else 1.0
+        blocks = prev[3] if prev and isinstance(prev[3], str) else ""
+        out.append([name, unet, clip, blocks])
+    return pd.DataFrame(out, columns=actions.ROW_HEADERS)
 
 
 def _table(frame: pd.DataFrame) -> gr.Dataframe:
