@@ -7,6 +7,13 @@ strength x delta, cast back; one key at a time, no caching, originals kept as ba
     python bench/patch.py                      # SD1.5 all algorithms + SDXL LoRA/LoKr, budget sweep
     python bench/patch.py --arch sd1 --algos LoRA,LoHa --cache-mb 1024
     python bench/patch.py --write-docs         # also replace the Patch section of docs/benchmarks.md
+    python bench/patch.py --device cuda        # the same on a GPU (or mps, xpu): weights there, reference there
+
+On an accelerator the weights live on the device, the originals come back from the file
+(``restore_from``: nothing kept in VRAM), and the reference builds each delta on the device
+from factors freshly copied there per key, as ComfyUI does.  Peak device memory is
+``torch.cuda.max_memory_allocated`` above the weights (CUDA only).  Needs torch,
+safetensors, numpy and tqdm, nothing else.
 
 Weights are random fp16 values with the real SD1.5/SDXL UNet and text-encoder names
 and shapes; adapters are synthetic with realistic ranks (see ``CASES``).
@@ -113,9 +120,13 @@ def make_weights(arch: str) -> dict[str, torch.Tensor]:
 
 
 def comfy_style_delta(module, weight):
-    """ΔW the way ComfyUI's adapters build it per key: factors cast to float32 each time,
-    the full product first, the alpha/rank scale applied later as a separate pass."""
-    t = module._t
+    """ΔW the way ComfyUI's adapters build it per key: factors copied to the weight's device and
+    cast to float32 each time, the full product first, the alpha/rank scale applied later as a
+    separate pass."""
+
+    def t(role):
+        return module.source[module.keys[role]].to(weight.device, torch.float32)
+
     if module.algo in ("lora", "locon") and not module.dora and not module.tucker:
         diff = torch.mm(t("lora_up").flatten(1), t("lora_down").flatten(1))
     elif module.algo == "loha" and not module.dora and not module.tucker:
@@ -143,7 +154,7 @@ def reference_patch(weights, plan):
         temp = weight.to(torch.float32, copy=True)
         for c in contributions:
             if c.bias:
-                temp += c.strength * c.module.bias_delta()
+                temp += c.strength * c.module.bias_delta(temp.device)
             elif c.module.linear_in_strength:
                 diff, scale = comfy_style_delta(c.module, temp)
                 temp += ((c.strength * scale) * diff).reshape(temp.shape)
@@ -158,11 +169,40 @@ def reference_restore(weights, backups):
         weights[key] = original
 
 
-def timed(fn):
+CPU = torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type not in ("cpu", "meta"):  # meta: a dry run of the device code path, nothing to wait for
+        torch.accelerator.synchronize(device)
+
+
+def timed(fn, device: torch.device = CPU):
     gc.collect()
+    sync(device)
     t0 = time.perf_counter()
     result = fn()
+    sync(device)
     return time.perf_counter() - t0, result
+
+
+class PeakDevice:
+    """Peak allocated device memory above its value at the start (CUDA; None elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.above_start = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.above_start = torch.cuda.max_memory_allocated(self.device) - self.start
 
 
 def largest_layers_bytes(weights, keys, n=2) -> int:
@@ -170,7 +210,7 @@ def largest_layers_bytes(weights, keys, n=2) -> int:
     return sum(sizes[:n])
 
 
-def run_case(arch, weights, source, name, cache_bytes, reference=True):
+def run_case(arch, weights, source, name, cache_bytes, reference=True, device_cache_bytes=0):
     algo, options = CASES[name]
     options = dict(options)
     select = options.pop("select", default_targets)
@@ -180,45 +220,57 @@ def run_case(arch, weights, source, name, cache_bytes, reference=True):
     touched = build_plan(spec, shapes).keys()
 
     os.sync()  # no writeback of earlier files (the weights file, other runs) during the timings
+    device = next(iter(weights.values())).device
     t_ref = None
     if reference:  # no cache: its strength change is this same full re-patch
         plan = build_plan(spec, shapes)
-        t_ref, backups = timed(lambda: reference_patch(weights, plan))
+        t_ref, backups = timed(lambda: reference_patch(weights, plan), device)
         reference_restore(weights, backups)
         backups = None
 
-    patcher = WeightPatcher(weights, cache_bytes=cache_bytes, restore_from=source)
-    with PeakRSS() as mem:
-        t_first, _ = timed(lambda: patcher.apply(spec))
-        t_strength, _ = timed(lambda: patcher.apply([AdapterSpec(adapter, 0.5, 0.5)]))
-        t_restore, _ = timed(patcher.restore)
-    cache_used = patcher.cache.used
+    patcher = WeightPatcher(weights, cache_bytes=cache_bytes, restore_from=source,
+                            device_cache_bytes=device_cache_bytes)
+    with PeakRSS() as mem, PeakDevice(device) as vram:
+        t_first, _ = timed(lambda: patcher.apply(spec), device)
+        t_strength, _ = timed(lambda: patcher.apply([AdapterSpec(adapter, 0.5, 0.5)]), device)
+        t_restore, _ = timed(patcher.restore, device)
+    cache_used = patcher.cache.used + patcher.cache.device_used
     patcher.cache.clear()
-    bound = cache_bytes + largest_layers_bytes(weights, touched)
+    factors = adapter.resident_bytes
+    adapter.release()
+    on_host = device.type == "cpu"
+    # host: the budget plus two float32 layers; a device: its largest layer in float32 plus the factors
+    bound = cache_bytes + largest_layers_bytes(weights, touched) if on_host else \
+        device_cache_bytes + largest_layers_bytes(weights, touched, n=1) + factors
+    peak = mem.above_start if on_host else vram.above_start
     return {
         "case": name, "keys": len(touched), "modules": len(adapter.modules), "ref": t_ref,
         "first": t_first, "strength": t_strength, "restore": t_restore,
-        "peak_mb": mem.above_start / 2**20, "cache_mb": cache_used / 2**20, "budget_mb": cache_bytes / 2**20,
-        "bound_mb": bound / 2**20, "bound_ok": mem.above_start <= bound,
+        "peak_mb": None if peak is None else peak / 2**20, "rss_mb": mem.above_start / 2**20,
+        "cache_mb": cache_used / 2**20, "budget_mb": (cache_bytes if on_host else device_cache_bytes) / 2**20,
+        "bound_mb": bound / 2**20, "bound_ok": peak is None or peak <= bound,
     }
 
 
-def fmt_table(rows, arch):
+def fmt_table(rows, arch, device):
+    host = device.type == "cpu"
+    memory = "peak RSS above weights | bound: budget + 2 largest layers" if host else \
+        "peak device memory above weights | bound: largest layer (fp32) + factors | host RSS above start"
     lines = [
-        f"**{arch}** (seconds; × = reference / ours; the reference keeps no cache, so its strength change "
-        "is the same full re-patch)",
+        f"**{arch} on {device.type}** (seconds; × = reference / ours; the reference keeps no cache, so its "
+        "strength change is the same full re-patch)",
         "",
-        "| adapter | keys | reference patch | our first patch | × | our strength change | × | our restore "
-        "| cache used / budget | peak RSS above weights | bound: budget + 2 largest layers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| adapter | keys | reference patch | our first patch | × | our strength change | × | our restore "
+        f"| cache used / budget | {memory} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("" if host else "---|"),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['keys']} | {r['ref']:.2f} | {r['first']:.2f} | {r['ref'] / r['first']:.1f} "
-            f"| {r['strength']:.2f} | {r['ref'] / r['strength']:.1f} | {r['restore']:.2f} "
-            f"| {r['cache_mb']:.0f} / {r['budget_mb']:.0f} MiB | {r['peak_mb']:.0f} MiB "
-            f"| {r['bound_mb']:.0f} MiB {'ok' if r['bound_ok'] else 'OVER'} |"
-        )
+        peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f} MiB"
+        line = (f"| {r['case']} | {r['keys']} | {r['ref']:.2f} | {r['first']:.2f} | {r['ref'] / r['first']:.1f} "
+                f"| {r['strength']:.2f} | {r['ref'] / r['strength']:.1f} | {r['restore']:.2f} "
+                f"| {r['cache_mb']:.0f} / {r['budget_mb']:.0f} MiB | {peak} "
+                f"| {r['bound_mb']:.0f} MiB {'ok' if r['bound_ok'] else 'OVER'} |")
+        lines.append(line + ("" if host else f" {r['rss_mb']:.0f} MiB |"))
     return "\n".join(lines)
 
 
@@ -232,6 +284,18 @@ def fmt_budget(rows, arch, ref):
     return "\n".join(lines)
 
 
+def fmt_device_cache(rows, arch, ref):
+    lines = [f"**{arch} {rows[0]['case']}: deltas kept in VRAM or rebuilt on the device** (reference patch "
+             f"{ref:.2f} s; host RAM never holds deltas of device weights)", "",
+             "| VRAM budget | kept | first patch | strength change | × vs reference | peak device memory above weights |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f} MiB"
+        lines.append(f"| {r['budget_mb']:.0f} MiB | {r['cache_mb']:.0f} MiB | {r['first']:.2f} | {r['strength']:.2f} "
+                     f"| {ref / r['strength']:.1f} | {peak} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd1,sdxl", help="comma list of sd1, sd2, sdxl")
@@ -240,12 +304,18 @@ def main(argv=None):
     parser.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20,
                         help="delta-cache budget for the main table (default: the engine's default)")
     parser.add_argument("--sweep", default="0,1024", help="extra budgets (MiB) for the LoRA trade-off table")
+    parser.add_argument("--device", default="cpu", help="where the weights live: cpu, cuda, mps, xpu")
+    parser.add_argument("--device-cache-mb", default="0,2048",
+                        help="on an accelerator: delta-cache budgets in VRAM to compare for the first case")
     parser.add_argument("--write-docs", action="store_true", help="replace the Patch section of docs/benchmarks.md")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
     command = "python bench/patch.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    where = "" if device.type == "cpu" else \
+        f", device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}"
     out = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads, load average before the run "
+           f"{torch.get_num_threads()} threads{where}, load average before the run "
            f"{os.getloadavg()[0]:.1f}. Command: `{command.strip()}`"]
     t_all = time.perf_counter()
     for arch in args.arch.split(","):
@@ -256,6 +326,7 @@ def main(argv=None):
             save_file(weights, str(path))
             os.sync()  # written out before anything is timed: a flush in the background skews every number
             source = SafetensorsSource(path)
+            weights = {k: v.to(device) for k, v in weights.items()}
             total = sum(t.numel() * t.element_size() for t in weights.values())
             print(f"{arch}: {len(weights)} tensors, {total / 2**30:.2f} GiB fp16 (setup {time.perf_counter() - t0:.0f}s)",
                   flush=True)
@@ -268,10 +339,17 @@ def main(argv=None):
                 rows.append(row)
                 print(f"  {name}: reference {row['ref']:.2f}s, first {row['first']:.2f}s, strength "
                       f"{row['strength']:.2f}s, peak {row['peak_mb']:.0f} MiB", flush=True)
-            table = fmt_table(rows, arch)
+            table = fmt_table(rows, arch, device)
             print(table, flush=True)
             out.append(table)
-            if args.sweep and arch == args.arch.split(",")[0]:
+            if device.type != "cpu" and args.device_cache_mb and arch == args.arch.split(",")[0]:
+                budgets = [int(b) for b in args.device_cache_mb.split(",") if b]
+                sweep = [run_case(arch, weights, source, names[0], 0, reference=False, device_cache_bytes=b << 20)
+                         for b in budgets]
+                text = fmt_device_cache(sweep, arch, rows[0]["ref"])
+                print(text, flush=True)
+                out.append(text)
+            elif args.sweep and arch == args.arch.split(",")[0]:
                 budgets = [int(b) for b in args.sweep.split(",") if b]
                 sweep = [run_case(arch, weights, source, names[0], b << 20, reference=False) for b in budgets]
                 sweep.append(rows[0])
@@ -284,7 +362,7 @@ def main(argv=None):
     out.append(f"Total run time: {time.perf_counter() - t_all:.0f} s.")
     text = "\n\n".join(out)
     if args.write_docs:
-        write_docs_section("Patch", text)
+        write_docs_section("Patch" if device.type == "cpu" else f"Patch on {device.type}", text)
     return 0
 
 

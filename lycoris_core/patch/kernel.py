@@ -142,10 +142,10 @@ def _tile_pass(src: torch.Tensor, dst: torch.Tensor, base: torch.Tensor, live: S
     terms = _terms(base, rows, cols, live, source, scale, identity)
     s2, d2 = src.view(rows, cols), dst.view(rows, cols)
     # a float32 destination that is the source is summed in place, unless a streamed delta
-    # still has to read the original rows from it (DoRA by rows with base == dst)
-    reads_dst = base.data_ptr() == dst.data_ptr() and any(
-        isinstance(t, _Streamed) and t.contribution.module.uses_weight for t in terms)
-    in_place = dst.dtype == torch.float32 and dst.data_ptr() == src.data_ptr() and not reads_dst
+    # still has to read the original rows from it (DoRA by rows with base == dst); tensors are
+    # compared as objects (a meta tensor has no address), and aliases take the copying path
+    reads_dst = base is dst and any(isinstance(t, _Streamed) and t.contribution.module.uses_weight for t in terms)
+    in_place = dst.dtype == torch.float32 and dst is src and not reads_dst
     check = RangeCheck()
     for start, stop in tiles(rows, cols, dst.device):
         if in_place:  # ComfyUI's float32 working copy: add into its rows directly
@@ -230,15 +230,16 @@ def accumulate(work: torch.Tensor, base: torch.Tensor | None, contributions: Ite
 
     ``work`` is a working copy of the weight (float32, or a narrower dtype: the sum is
     formed in float32 and rounded once into it).  ``base`` is the original weight (any
-    dtype) that weight-dependent deltas read; ``None`` means ``work`` still holds it, and
-    it is copied once first when a contribution needs it.  ``scale`` multiplies every
+    dtype) that weight-dependent deltas read, never a view of ``work``; ``None`` (or
+    ``work`` itself) means ``work`` still holds it, and it is copied once first when a
+    contribution needs it.  ``scale`` multiplies every
     strength (ComfyUI's strength_patch).  Raises ``WeightRangeError`` when the result is
     not finite or does not fit ``work``'s dtype.
     """
     live = _live(contributions, scale)
     if not live:
         return work
-    if base is None or base.data_ptr() == work.data_ptr():
+    if base is None or base is work:
         needs_original = any(c.module.uses_weight and not c.bias for c in live)
         base = work.detach().clone() if needs_original else work
     if work.is_contiguous():

@@ -33,13 +33,14 @@ class WeightPatcher:
     """
 
     def __init__(self, weights, *, cache_bytes: int = DEFAULT_CACHE_BYTES, restore_from=None,
-                 model_shapes: Mapping[str, tuple[int, ...]] | None = None, backup_device: str = "cpu"):
+                 model_shapes: Mapping[str, tuple[int, ...]] | None = None, backup_device: str = "cpu",
+                 device_cache_bytes: int = 0):
         if isinstance(weights, torch.nn.Module):
             weights = dict(weights.state_dict(keep_vars=True))
         self.weights: MutableMapping[str, torch.Tensor] = weights
         # the whole model's key -> shape, when ``weights`` holds only the part to patch
         self.shapes = dict(model_shapes) if model_shapes is not None else {k: tuple(v.shape) for k, v in weights.items()}
-        self.cache = DeltaCache(cache_bytes)
+        self.cache = DeltaCache(cache_bytes, device_cache_bytes)
         self.restore_from = restore_from
         if backup_device not in ("cpu", "same"):
             raise ValueError(f"backup_device must be 'cpu' or 'same', not {backup_device!r}")
@@ -77,7 +78,7 @@ class WeightPatcher:
             flat_src = self._source_tensor(key).reshape(-1)
             step = max(1, flat_src.numel() // 64)
             sample = flat_src[::step].to(live.device)  # a few values up, never the weight down
-            if not torch.equal(live.reshape(-1)[::step], sample):
+            if not bool((live.reshape(-1)[::step] == sample).all()):  # one sync (NaN-free: the file was read)
                 raise LycorisError(f"restore source {self.restore_from.name} does not hold this model's {key}")
         self._patched[key] = next(_TOKENS)
 
@@ -98,10 +99,12 @@ class WeightPatcher:
         keys = plan.keys()
         try:
             for i, key in enumerate(keys):
+                live = self.weights[key].detach()
+                untouched = key not in self._patched  # the live weight is the original: no copy to read
                 self._remember(key)
                 identity = (self._token, key, self._patched[key])
-                patched_value(self._base(key), plan.contributions[key], key, self.cache,
-                              out=self.weights[key].detach(), identity=identity)
+                patched_value(live if untouched else self._base(key), plan.contributions[key], key, self.cache,
+                              out=live, identity=identity)
                 if progress:
                     progress(i + 1, len(keys), "patching")
             for key in stale:

@@ -8,7 +8,9 @@ copy, runs ``comfy.lora.calculate_weight``, rounds with ``comfy.float.stochastic
 seeded by crc32(key) and installs a new ``Parameter(requires_grad=False)``, backing up the
 original object on the first patch; only direct parameters of leaf-ish modules are
 patched; unpatch puts the backed-up tensors back and clears the shared backup.
-Low-VRAM loading, hooks, injections and wrappers are not reproduced.
+``LowVramPatch`` is the per-forward patch of low-VRAM loading (a125cd84): the weight arrives
+in the compute dtype and is patched in it (fp8 storage through float32).  Hooks,
+injections and wrappers are not reproduced.
 """
 
 from __future__ import annotations
@@ -29,6 +31,32 @@ BackupEntry = collections.namedtuple("Dimension", ["weight", "inplace_update"])
 
 def string_to_seed(data: str) -> int:
     return zlib.crc32(data.encode())
+
+
+class LowVramPatch:
+    """What ComfyUI puts in ``weight_function`` of a module that did not fit: patch on every forward."""
+
+    def __init__(self, key, patches, convert_func=None, set_func=None):
+        self.key = key
+        self.patches = patches
+        self.convert_func = convert_func
+        self.set_func = set_func
+
+    def __call__(self, weight):
+        intermediate_dtype = weight.dtype
+        if self.convert_func is not None:
+            weight = self.convert_func(weight.to(dtype=torch.float32, copy=True), inplace=True)
+        if intermediate_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            intermediate_dtype = torch.float32
+            out = comfy.lora.calculate_weight(self.patches[self.key], weight.to(intermediate_dtype), self.key,
+                                              intermediate_dtype=intermediate_dtype)
+            if self.set_func is None:
+                return comfy.float.stochastic_rounding(out, weight.dtype, seed=string_to_seed(self.key))
+            return self.set_func(out, seed=string_to_seed(self.key), return_weight=True)
+        out = comfy.lora.calculate_weight(self.patches[self.key], weight, self.key, intermediate_dtype=intermediate_dtype)
+        if self.set_func is not None:
+            return self.set_func(out, seed=string_to_seed(self.key), return_weight=True).to(dtype=intermediate_dtype)
+        return out
 
 
 def get_key_weight(model, key):
