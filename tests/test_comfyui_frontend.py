@@ -49,7 +49,8 @@ def test_comfyui_serves_the_extension_once_under_any_folder_name(tmp_path):
                           capture_output=True, text=True, timeout=300)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WEB ")), None)
     if line is None:
-        pytest.skip(f"{python} cannot run ComfyUI's loader (set COMFYUI_PYTHON): {done.stderr[-300:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"{python} cannot run ComfyUI's loader (set COMFYUI_PYTHON): {last}")
 
     served = json.loads(line[4:])
     assert list(served.values()) == [str(pack / "web" / "js")], served

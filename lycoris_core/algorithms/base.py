@@ -40,7 +40,8 @@ class AdapterModule:
     """One adapted layer: its algorithm, factors and the delta they rebuild."""
 
     algo: str = "?"
-    #: file suffix -> role, as writers spell them; the registry builds its suffix table from these
+    #: file suffix -> role where writers spell a role otherwise than ".<role>"; the registry builds
+    #: its suffix table from every class's ``all_suffixes``
     suffixes: dict[str, str] = {}
     #: roles this algorithm consumes; each class lists required and optional ones
     required: tuple[str, ...] = ()
@@ -80,8 +81,9 @@ class AdapterModule:
     # ---- detection -------------------------------------------------------------------------
     @classmethod
     def all_suffixes(cls) -> dict[str, str]:
-        """Every suffix this algorithm reads: its own, alpha, and DoRA's where it supports it."""
-        return {**cls.suffixes, **COMMON_SUFFIXES, **(DORA_SUFFIXES if cls.supports_dora else {})}
+        """Every suffix this algorithm reads: ".<role>" for each role, its own spellings, alpha, DoRA's."""
+        plain = {} if cls.suffixes else {f".{role}": role for role in (*cls.required, *cls.optional)}
+        return {**plain, **cls.suffixes, **COMMON_SUFFIXES, **(DORA_SUFFIXES if cls.supports_dora else {})}
 
     @classmethod
     def claims(cls, roles: set[str], shape_of) -> bool:

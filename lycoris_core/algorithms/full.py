@@ -15,7 +15,6 @@ from .base import AdapterModule
 
 class Full(AdapterModule):
     algo = "full"
-    suffixes = {".diff": "diff", ".diff_b": "diff_b"}
     cheap_delta = True
     tiled = True
     required = ("diff",)
@@ -52,7 +51,6 @@ class Full(AdapterModule):
 
 class Norm(Full):
     algo = "norm"
-    suffixes = {".w_norm": "w_norm", ".b_norm": "b_norm"}
     required = ("w_norm",)
     optional = ("b_norm",)
     bias_role = "b_norm"

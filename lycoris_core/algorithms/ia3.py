@@ -14,7 +14,6 @@ from .base import AdapterModule
 
 class IA3(AdapterModule):
     algo = "ia3"
-    suffixes = {".weight": "weight", ".on_input": "on_input"}
     cheap_delta = True
     required = ("weight", "on_input")
     uses_weight = True

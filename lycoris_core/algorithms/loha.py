@@ -17,14 +17,6 @@ from .base import AdapterModule
 
 class LoHa(AdapterModule):
     algo = "loha"
-    suffixes = {
-        ".hada_w1_a": "hada_w1_a",
-        ".hada_w1_b": "hada_w1_b",
-        ".hada_w2_a": "hada_w2_a",
-        ".hada_w2_b": "hada_w2_b",
-        ".hada_t1": "hada_t1",
-        ".hada_t2": "hada_t2",
-    }
     required = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     supports_dora = True
     optional = ("hada_t1", "hada_t2")

@@ -26,15 +26,6 @@ from .base import AdapterModule
 
 class LoKr(AdapterModule):
     algo = "lokr"
-    suffixes = {
-        ".lokr_w1": "lokr_w1",
-        ".lokr_w1_a": "lokr_w1_a",
-        ".lokr_w1_b": "lokr_w1_b",
-        ".lokr_w2": "lokr_w2",
-        ".lokr_w2_a": "lokr_w2_a",
-        ".lokr_w2_b": "lokr_w2_b",
-        ".lokr_t2": "lokr_t2",
-    }
     cheap_delta = True
     tiled = True
     required = ()

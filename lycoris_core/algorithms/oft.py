@@ -35,7 +35,6 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
 
 
 class _Orthogonal(AdapterModule):
-    suffixes = {".oft_blocks": "oft_blocks", ".rescale": "rescale"}
     required = ("oft_blocks",)
     optional = ("rescale",)
     block_dims = 0  # 3: Diag-OFT (n, b, b); 4: BOFT (stages, n, b, b)
