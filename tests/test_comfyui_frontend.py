@@ -55,3 +55,15 @@ def test_comfyui_serves_the_extension_once_under_any_folder_name(tmp_path):
     served = json.loads(line[4:])
     assert list(served.values()) == [str(pack / "web" / "js")], served
     assert Path(served["ComfyUI-LyCORIS"]).resolve() == (PROJECT / "web" / "js").resolve()
+
+
+def test_the_pack_also_imports_as_a_plain_module():
+    """pytest imports the root ``__init__.py`` as a module named ``__init__`` when the folder's name is not
+    an identifier (a clone named ``comfyui-lycoris``): it must not need a parent package then."""
+    done = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
+                           f"spec = importlib.util.spec_from_file_location('__init__', {str(PROJECT / '__init__.py')!r}); "
+                           "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+                           "print(sorted(m.NODE_CLASS_MAPPINGS)[0], m.WEB_DIRECTORY)"],
+                          cwd="/", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["LycorisInfo", "./web/js"]
