@@ -30,7 +30,7 @@ from .adapter import Adapter
 from .algorithms import AdapterModule
 from .blocks import BlockWeights, parse_block_weights
 from .errors import ArchitectureMismatchError, BlockWeightError, LycorisError, WeightRangeError
-from .keymap import MatchReport, Target, map_adapter
+from .keymap import MatchReport, Target, is_text_part, map_adapter
 from .rounding import FP8_FORMATS, NARROW, check_range, to_dtype
 from .tiles import WORKSPACE, RowFill, tiles
 
@@ -368,8 +368,11 @@ class PatchPlan:
 
 
 def contribution_strength(spec: AdapterSpec, target: Target, weights: dict[str, float] | None) -> float:
-    """UNet strength x block weight, or CLIP strength x BASE weight; modules outside blocks take plain strength."""
-    if target.part == "unet":
+    """UNet strength x block weight, or CLIP strength x BASE weight; modules outside blocks take plain strength.
+
+    The UNet/diffusion-model strength applies to every non-text part, the CLIP strength to every text encoder.
+    """
+    if not is_text_part(target.part):
         if weights is None or target.block is None:
             return spec.strength_unet
         return spec.strength_unet * weights.get(target.block, 0.0)
