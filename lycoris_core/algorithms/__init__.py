@@ -35,6 +35,8 @@ SUFFIX_ROLES: dict[str, str] = {
     "_lora.up.weight": "lora_up",
     ".lora_linear_layer.down.weight": "lora_down",
     ".lora_linear_layer.up.weight": "lora_up",
+    ".down.weight": "lora_down",  # XLabs Flux processors: <...>.processor.qkv_lora1.down.weight
+    ".up.weight": "lora_up",
     ".lora_A": "lora_down",
     ".lora_B": "lora_up",
     ".lora_magnitude_vector": "dora_scale",  # PEFT DoRA, output axis
