@@ -98,3 +98,27 @@ def diffusers_shapes(variant: str) -> dict[str, tuple[int, ...]]:
     """The full-size transformer's state dict as (key -> shape), keys under `transformer.`."""
     model = diffusers_model(variant)
     return {f"transformer.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---- tagged tensors: follow every row through a converter -----------------------------------
+
+TAG = 1 << 16  # rows per key index: every DiT weight has fewer than 65536 rows
+
+
+def tagged(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Stride-0 int32 tensors whose every element of row r of key number i is i * TAG + r.
+
+    A converter that renames, splits, concatenates or swaps rows moves the tags with them,
+    so its output says where each row came from, at no memory cost beyond what it copies.
+    """
+    index = {key: i for i, key in enumerate(sorted(shapes))}
+    out = {}
+    for key, shape in shapes.items():
+        rows = torch.arange(shape[0], dtype=torch.int32) + index[key] * TAG
+        out[key] = rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+    return out, index
+
+
+def row_tags(tensor: torch.Tensor) -> torch.Tensor:
+    """The tag of each row of a converted tensor (its first column)."""
+    return tensor.reshape(tensor.shape[0], -1)[:, 0]

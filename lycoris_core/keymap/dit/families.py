@@ -283,7 +283,8 @@ def _read_hidream(v: KeyView) -> HiDreamConfig:
         expert_ffn=(v.shape(f"{first}.ff_i.experts.0.w1.weight") or (6912,))[0],
         shared_ffn=(v.shape(f"{first}.ff_i.shared_experts.w1.weight") or (3584,))[0], in_features=inp,
         pooled=(v.shape("p_embedder.pooled_embedder.linear_1.weight") or (h, 2048))[1],
-        captions=tuple(captions), out_features=(v.shape("final_layer.linear.weight") or (64,))[0])
+        caption=captions[0] if len(captions) > 1 else 4096, caption_t5=captions[-1] if captions else 4096,
+        out_features=(v.shape("final_layer.linear.weight") or (64,))[0])
 
 
 # ---- Lumina 2, Z-Image ----------------------------------------------------------------------
@@ -396,7 +397,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(
         "hidream", build_hidream, {"hidream-i1": HiDreamConfig()},
         {"clip_l": text.CLIP_L, "clip_g": text.OPENCLIP_BIGG, "t5xxl": text.T5XXL, "llama": text.LLAMA31_8B},
-        {"lora_te1_": "clip_l", "lora_te2_": "clip_g", "lora_te3_": "t5xxl"},
+        {"lora_te1_": "clip_l", "lora_te_": "clip_l", "lora_te2_": "clip_g", "lora_te3_": "t5xxl"},
         {"text_encoder.": "clip_l", "text_encoder_2.": "clip_g", "text_encoder_3.": "t5xxl", "text_encoder_4.": "llama"},
         lambda v: v.has("caption_projection.0.linear.weight"), lambda v: v.has("caption_projection.0.linear.weight"),
         _read_hidream, _read_hidream),

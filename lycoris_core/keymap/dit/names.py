@@ -105,8 +105,13 @@ def resolve(name: str, family: str, cfg) -> tuple[list[Resolved], tuple[str, ...
             rest = name[len(prefix):]
             if form == "us":
                 rest = rest.replace(".", "_")
-            hit = text_index(f.text[part])[form].get(rest)
-            return ([Resolved(part, None, hit)] if hit else []), (part,)
+            # the prefix's own encoder first; then the others (HunyuanVideo's `text_encoder.` is
+            # its Llama in diffusers but CLIP-L for ComfyUI; their module names never collide)
+            for candidate in (part, *(p for p in f.text if p != part)):
+                hit = text_index(f.text[candidate])[form].get(rest)
+                if hit:
+                    return [Resolved(candidate, None, hit)], (part,)
+            return [], (part,)
     index = diffusion_index(family, cfg)
     for prefix, form in DIFFUSION_PREFIXES:
         if not name.startswith(prefix):

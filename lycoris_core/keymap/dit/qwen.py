@@ -32,7 +32,8 @@ class HiDreamConfig:
     shared_ffn: int = 3584
     in_features: int = 64
     pooled: int = 2048
-    captions: tuple[int, ...] = (4096,) * 49  # 48 Llama layers + T5
+    caption: int = 4096  # Llama-3.1 hidden size: one caption projection per block
+    caption_t5: int = 4096  # and one for T5, last
     out_features: int = 64
 
 
@@ -89,7 +90,8 @@ def build_hidream(cfg: HiDreamConfig) -> Table:
     _same(t, "p_embedder.pooled_embedder.linear_1", (h, cfg.pooled), blk=IN)
     _same(t, "p_embedder.pooled_embedder.linear_2", (h, h), blk=IN)
     _same(t, "x_embedder.proj", (h, cfg.in_features), blk=IN)
-    for j, width in enumerate(cfg.captions):
+    widths = [cfg.caption] * sum(cfg.blocks) + [cfg.caption_t5]  # as diffusers/ComfyUI build them
+    for j, width in enumerate(widths):
         _same(t, f"caption_projection.{j}.linear", (h, width), bias=False, blk=IN)
     for i in range(cfg.blocks[0]):
         n, blk = f"double_stream_blocks.{i}.block", block("D", i)
