@@ -95,6 +95,7 @@ def _diffusion(name: str, module, address: Address, t: Table, place: Placement, 
                 covered += hi - lo
         if covered != rows:
             return None
+    pieces = _merged(pieces)
     first = pieces[0][0].weight_key
     if any(p.weight_key not in shapes for p, *_ in pieces):
         return None
@@ -115,6 +116,20 @@ def _diffusion(name: str, module, address: Address, t: Table, place: Placement, 
     if len(targets) == 1 and targets[0].source_rows is None:
         return targets[0]
     return targets
+
+
+def _merged(pieces: list) -> list:
+    """Adjacent pieces that continue each other on one key become one (a swap read back through a swap)."""
+    out: list = []
+    for piece in sorted(pieces, key=lambda x: x[2]):
+        if out:
+            p, key_start, src_start, rows, native = out[-1]
+            q, q_key, q_src, q_rows, _ = piece
+            if q.weight_key == p.weight_key and q_key == key_start + rows and q_src == src_start + rows:
+                out[-1] = (p, key_start, src_start, rows + q_rows, native)
+                continue
+        out.append(piece)
+    return out
 
 
 def _text(name: str, module, part: str, hf_name: str, tcfg, place: Placement, shapes: Mapping):
