@@ -406,7 +406,7 @@ def test_reduced_depth_models_are_detected_and_mapped():
                            for d, (_leaf, segs) in table.diffusers.items()})
     report = map_adapter(modules, shapes)
     assert report.unmatched == [] and report.mismatched == [] and report.matched == len(modules)
-    assert report.summary().startswith("flux adapter on flux-dev [2+3 blocks] model")
+    assert report.summary().startswith("flux-dev adapter on flux-dev [2+3 blocks] model")  # guidance_in pins dev
 
 
 # ---- refusals -------------------------------------------------------------------------------

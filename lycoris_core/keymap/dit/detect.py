@@ -175,10 +175,5 @@ def guess_adapter(modules: Mapping, model: ModelLayout | None = None,
         return None
     (top, *_), name, tops, configs = best
     published = tuple(v for v in tops if v in FAMILIES[name].variants)
-    if model_family == name and model.arch in tops:
-        label = FAMILY_LABEL[name] if len(FAMILIES[name].variants) > 1 else published[0]
-    elif len(published) == 1:
-        label = published[0]
-    else:
-        label = FAMILY_LABEL[name]
+    label = published[0] if len(published) == 1 else FAMILY_LABEL[name]
     return Guess(name, label, top, published or tops, configs[tops[0]])
