@@ -12,7 +12,7 @@ names, diffusers names, the family's extras) is indexed once per configuration.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from .families import FAMILIES, table
@@ -129,9 +129,12 @@ def resolve(name: str, family: str, cfg) -> tuple[list[Resolved], tuple[str, ...
 def _roots(family: str) -> re.Pattern:
     """The first name pieces of every dialect of the family, to skip families cheaply."""
     roots: set[str] = set()
-    for cfg in FAMILIES[family].variants.values():
-        for alias in diffusion_index(family, cfg)["dot"]:
-            roots.add(alias.split(".", 1)[0])
+    f = FAMILIES[family]
+    for cfg in f.variants.values():  # depth never changes a root: one block per group is enough
+        tiny = f.at_depth(cfg, replace(cfg, blocks=(1,) * len(cfg.blocks)))
+        t = table(family, tiny)
+        for name in (*t.natives, *t.diffusers, *t.extra):
+            roots.add(name.split(".", 1)[0])
     pieces = sorted({r.replace(".", "_") for r in roots} | roots, key=len, reverse=True)
     return re.compile("(?:" + "|".join(map(re.escape, pieces)) + r")(?:[._]|$)")
 
