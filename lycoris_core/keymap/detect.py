@@ -1,8 +1,9 @@
 """Which architecture a model or an adapter was made for.
 
-Owns detection only: a model by how much of each generated key table its state-dict shapes
-cover, an adapter by how many of its modules resolve to a module whose shape they fit.
-Reads names and shapes; never loads or mutates weights.
+Owns detection only: a DiT model by ComfyUI's probe keys (dit.detect), an SD model by how
+much of each generated key table its state-dict shapes cover, an adapter by how many of its
+modules resolve to a module whose shape they fit - SD architectures and DiT families
+compared on the same count. Reads names and shapes; never loads or mutates weights.
 """
 
 from __future__ import annotations
