@@ -370,8 +370,27 @@ def test_detect_adapter_hunyuan_original_names_and_metadata_tie_breaks():
     flux_like = {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}
     assert detect_adapter(modules_for(flux_like)) == "flux"  # ambiguous: the earlier family
     assert detect_adapter(modules_for(flux_like), metadata={"modelspec.architecture": "chroma/lora"}) == "chroma"
+    # a schnell LoRA has dev's names minus guidance_in: only its metadata says schnell
+    assert detect_adapter(modules_for(flux_like), metadata={"modelspec.architecture": "flux-1-schnell/lora"}) == \
+        "flux-schnell"
     assert detect_adapter(modules_for(flux_like), model=detect_model(state_shapes("hunyuan-video", "comfy"))) == \
         "hunyuan-video"
+
+
+def test_chroma_metadata_tells_a_chroma_lora_from_a_flux_one(tmp_path):
+    """Same names, same shapes: kohya's modelspec.architecture (read from the file) decides, and refuses on Flux."""
+    from safetensors.torch import save_file
+
+    names = {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072), "lora_unet_single_blocks_3_linear2": (3072, 15360)}
+    path = tmp_path / "chroma.safetensors"
+    save_file(adapter_tensors(names), str(path), {"modelspec.architecture": "chroma/lora"})
+    adapter = load_adapter(path)
+    with pytest.raises(ArchitectureMismatchError, match="chroma adapter .* metadata says 'chroma/lora'"):
+        map_adapter(adapter.modules, state_shapes("flux-dev", "comfy"))
+    on_chroma = map_adapter(adapter.modules, state_shapes("chroma", "comfy"))
+    assert on_chroma.adapter_arch == "chroma" and on_chroma.matched == 2
+    plain = load_adapter(adapter_tensors(names))  # no metadata: a Flux LoRA on Flux
+    assert map_adapter(plain.modules, state_shapes("flux-dev", "comfy")).adapter_arch == "flux"
 
 
 def test_detect_adapter_keeps_sd_answers_for_sd_adapters():

@@ -38,6 +38,11 @@ FAMILY_LABEL = {"flux": "flux", "chroma": "chroma", "sd3": "sd3", "wan": "wan", 
 _MODELSPEC = (("flux-1-dev", "flux"), ("flux-1-schnell", "flux"), ("flux", "flux"), ("chroma", "chroma"),
               ("stable-diffusion-3", "sd3"), ("lumina-2", "lumina2"), ("qwen-image", "qwen_image"),
               ("wan", "wan"), ("hunyuan-video", "hunyuan_video"), ("hidream", "hidream"))
+# ... and the variant, where the names cannot tell (a schnell LoRA is a dev LoRA without guidance_in);
+# sd-scripts writes "stable-diffusion-3" followed by e.g. "-m" or "-5-large" [the SD3 forms unverified]
+_MODELSPEC_VARIANT = (("flux-1-dev", "flux-dev"), ("flux-1-schnell", "flux-schnell"),
+                      ("stable-diffusion-3-5-large", "sd3.5-large"), ("stable-diffusion-3-5-m", "sd3.5-medium"),
+                      ("stable-diffusion-3-m", "sd3-medium"))
 
 
 def _text_parts(family: str, cfg, space: str, shapes: Mapping) -> set[str]:
@@ -103,6 +108,7 @@ class Guess:
     score: int  # modules that resolve and fit
     variants: tuple[str, ...]  # every variant with that score
     config: object  # the configuration it scored best on
+    metadata_says: str | None = None  # `modelspec.architecture`, when it decided between equal families
 
 
 def _fits(module, shape) -> bool:
@@ -140,13 +146,19 @@ def modelspec_family(metadata: Mapping[str, str] | None) -> str | None:
     return next((family for prefix, family in _MODELSPEC if arch.startswith(prefix)), None)
 
 
+def modelspec_variant(metadata: Mapping[str, str] | None) -> str | None:
+    arch = (metadata or {}).get("modelspec.architecture", "").lower()
+    return next((variant for prefix, variant in _MODELSPEC_VARIANT if arch.startswith(prefix)), None)
+
+
 def guess_adapter(modules: Mapping, model: ModelLayout | None = None,
                   metadata: Mapping[str, str] | None = None) -> Guess | None:
     """The family/variant whose tables explain most modules; None when no DiT explains any.
 
     With a DiT `model`, variants are scored at the model's depth and the model's own
-    configuration competes too; ties go to the model's family, then to the family the
-    metadata names, then to the earlier family.
+    configuration competes too. Ties go to the family the metadata names (a `chroma/lora`
+    file is a Chroma LoRA even though Flux has all its names), then to the model's family,
+    then to the earlier family.
     """
     families = candidate_families(modules)
     model_family = model.family if model is not None and model.config is not None else None
@@ -154,6 +166,7 @@ def guess_adapter(modules: Mapping, model: ModelLayout | None = None,
         families.append(model_family)
     hinted = modelspec_family(metadata)
     best: tuple | None = None
+    runner_up: tuple | None = None
     for name in families:
         family = FAMILIES[name]
         configs: dict[str, object] = {}
@@ -168,12 +181,23 @@ def guess_adapter(modules: Mapping, model: ModelLayout | None = None,
         if top == 0:
             continue
         tops = tuple(v for v, s in scores.items() if s == top)
-        rank = (top, name == model_family, name == hinted, -ADAPTER_ORDER.index(name))
+        rank = (top, name == hinted, name == model_family, -ADAPTER_ORDER.index(name))
         if best is None or rank > best[0]:
+            runner_up = best
             best = (rank, name, tops, configs)
+        elif runner_up is None or rank > runner_up[0]:
+            runner_up = (rank, name, tops, configs)
     if best is None:
         return None
     (top, *_), name, tops, configs = best
+    decided = runner_up is not None and runner_up[0][0] == top and name == hinted
     published = tuple(v for v in tops if v in FAMILIES[name].variants)
-    label = published[0] if len(published) == 1 else FAMILY_LABEL[name]
-    return Guess(name, label, top, published or tops, configs[tops[0]])
+    hinted_variant = modelspec_variant(metadata)
+    if len(published) == 1:
+        label = published[0]
+    elif hinted_variant in published:
+        label = hinted_variant
+    else:
+        label = FAMILY_LABEL[name]
+    says = (metadata or {}).get("modelspec.architecture") if decided else None
+    return Guess(name, label, top, published or tops, configs[tops[0]], says)

@@ -186,6 +186,8 @@ def _conflict(report: MatchReport, modules: Mapping, layout: ModelLayout, guess:
     if guess is None:
         return None
     if guess.family != layout.family:
+        if guess.metadata_says:
+            return f"its metadata says {guess.metadata_says!r}, not this {layout.arch} model"
         return (f"its modules fit {guess.name} ({guess.score} of {len(modules)}) better than this "
                 f"{layout.arch} model")
     others = _other_variant_modules(report, modules, layout)
