@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from dit_models import diffusers_model
 from dit_producers import BFLFlux, kohya_file, lycoris_file, peft_file
 from safetensors.torch import load_file, save_file
 
@@ -30,12 +31,6 @@ def reduced(variant: str, blocks: tuple[int, ...]):
     family, standard = variant_config(variant)
     cfg = FAMILIES[family].at_depth(standard, replace(standard, blocks=blocks))
     return family, cfg, dit_state_shapes(family, cfg, "comfy")
-
-
-def diffusers_model(variant: str, cfg, **depth):
-    from dit_models import diffusers_model as build
-
-    return build(variant, **depth)
 
 
 def real_weights(shapes, keys, seed=1):
@@ -213,7 +208,7 @@ def test_peft_files_from_save_lora_weights_patch_their_rows(tmp_path, flux_base,
     variant, depth, pipeline, targets, expected = PEFT_CASES[case]
     dora = case.endswith("dora")
     family, _ = variant_config(variant)
-    path = peft_file(tmp_path, diffusers_model(variant, None, **depth), pipeline, targets, dora=dora)
+    path = peft_file(tmp_path, diffusers_model(variant, **depth), pipeline, targets, dora=dora)
     adapter = load_adapter(path)
     assert adapter.alpha_source == "metadata" and {m.alpha for m in adapter.modules.values()} == {8.0}
     if family == "flux":
@@ -291,7 +286,7 @@ def test_lycoris_create_lycoris_on_diffusers_flux_lands_on_fused_rows(tmp_path, 
     name, kwargs, single = LYCORIS_ALGOS[algo]
     targets = DOUBLE_TARGETS | (SINGLE_TARGETS if single else {})
     base = subset(all_base, {f"diffusion_model.{n}.weight" for n, _ in targets.values()})
-    transformer = diffusers_model("flux-dev", None, num_layers=1, num_single_layers=1)
+    transformer = diffusers_model("flux-dev", num_layers=1, num_single_layers=1)
     for d, (native, rows) in targets.items():  # LyCORIS reads W0 for full and DoRA
         key = f"diffusion_model.{native}"
         _set_real(transformer.get_submodule(d), rows_of(base[key + ".weight"], rows), rows_of(base[key + ".bias"], rows))
