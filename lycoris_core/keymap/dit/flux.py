@@ -95,6 +95,20 @@ def _single(t: Table, i: int, h: int, d: int, mlp: int, modulation: bool) -> Non
         t.rename(f"{df}.norm.linear", f"{n}.modulation.lin")
 
 
+def _stream_blocks(t: Table, cfg, modulation: bool) -> None:
+    """The double and single stream blocks and the final layer (its modulation only with `modulation`)."""
+    h, d, mlp = cfg.hidden, cfg.head_dim, cfg.mlp
+    for i in range(cfg.blocks[0]):
+        _double(t, i, h, d, mlp, modulation)
+    for i in range(cfg.blocks[1]):
+        _single(t, i, h, d, mlp, modulation)
+    t.add("final_layer.linear", (cfg.out_features, h), block=OUT)
+    t.rename("proj_out", "final_layer.linear")
+    if modulation:
+        t.add("final_layer.adaLN_modulation.1", (2 * h, h), block=OUT)
+        t.swap("norm_out.linear", "final_layer.adaLN_modulation.1")
+
+
 def _xlabs(t: Table, doubles: int, singles: int) -> None:
     """XLabs / USO processor LoRAs (x-flux DoubleStreamBlockLoraProcessor and the single one).
 
@@ -122,7 +136,7 @@ def _mlp_embedder(t: Table, native: str, diffusers: str, out: int, inp: int) -> 
 
 def build_flux(cfg: FluxConfig) -> Table:
     t = Table("flux", cfg)
-    h, d, mlp = cfg.hidden, cfg.head_dim, cfg.mlp
+    h = cfg.hidden
     t.add("img_in", (h, cfg.in_features), block=IN)
     t.rename("x_embedder", "img_in")
     _mlp_embedder(t, "time_in", "time_text_embed.timestep_embedder", h, 256)
@@ -131,21 +145,14 @@ def build_flux(cfg: FluxConfig) -> Table:
         _mlp_embedder(t, "guidance_in", "time_text_embed.guidance_embedder", h, 256)
     t.add("txt_in", (h, cfg.context), block=IN)
     t.rename("context_embedder", "txt_in")
-    for i in range(cfg.blocks[0]):
-        _double(t, i, h, d, mlp, modulation=True)
-    for i in range(cfg.blocks[1]):
-        _single(t, i, h, d, mlp, modulation=True)
-    t.add("final_layer.linear", (cfg.out_features, h), block=OUT)
-    t.rename("proj_out", "final_layer.linear")
-    t.add("final_layer.adaLN_modulation.1", (2 * h, h), block=OUT)
-    t.swap("norm_out.linear", "final_layer.adaLN_modulation.1")
+    _stream_blocks(t, cfg, modulation=True)
     _xlabs(t, *cfg.blocks)
     return t
 
 
 def build_chroma(cfg: ChromaConfig) -> Table:
     t = Table("chroma", cfg)
-    h, d, mlp = cfg.hidden, cfg.head_dim, cfg.mlp
+    h = cfg.hidden
     t.add("img_in", (h, cfg.in_features), block=IN)
     t.rename("x_embedder", "img_in")
     t.add("txt_in", (h, cfg.context), block=IN)
@@ -162,12 +169,7 @@ def build_chroma(cfg: ChromaConfig) -> Table:
         t.rename(f"{g}.norms.{j}", f"{g}.norms.{j}")
     t.add(f"{g}.out_proj", (h, a_hidden), block=IN)
     t.rename(f"{g}.out_proj", f"{g}.out_proj")
-    for i in range(cfg.blocks[0]):
-        _double(t, i, h, d, mlp, modulation=False)
-    for i in range(cfg.blocks[1]):
-        _single(t, i, h, d, mlp, modulation=False)
-    t.add("final_layer.linear", (cfg.out_features, h), block=OUT)
-    t.rename("proj_out", "final_layer.linear")
+    _stream_blocks(t, cfg, modulation=False)
     _xlabs(t, *cfg.blocks)
     return t
 
@@ -201,7 +203,7 @@ def _tencent(name: str) -> str:
 
 def build_hunyuan_video(cfg: HunyuanVideoConfig) -> Table:
     t = Table("hunyuan_video", cfg)
-    h, d, mlp = cfg.hidden, cfg.head_dim, cfg.mlp
+    h, mlp = cfg.hidden, cfg.mlp
     t.add("img_in.proj", (h, cfg.in_channels, 1, 2, 2), block=IN)
     t.rename("x_embedder.proj", "img_in.proj")
     _mlp_embedder(t, "time_in", "time_text_embed.timestep_embedder", h, 256)
@@ -224,14 +226,7 @@ def build_hunyuan_video(cfg: HunyuanVideoConfig) -> Table:
                                          ("mlp.2", "ff.net.2", (h, mlp)), ("adaLN_modulation.1", "norm_out.linear", (2 * h, h))):
             t.add(f"{n}.{native}", shape, block=IN)
             t.rename(f"{df}.{diffusers}", f"{n}.{native}")
-    for i in range(cfg.blocks[0]):
-        _double(t, i, h, d, mlp, modulation=True)
-    for i in range(cfg.blocks[1]):
-        _single(t, i, h, d, mlp, modulation=True)
-    t.add("final_layer.linear", (cfg.out_features, h), block=OUT)
-    t.rename("proj_out", "final_layer.linear")
-    t.add("final_layer.adaLN_modulation.1", (2 * h, h), block=OUT)
-    t.swap("norm_out.linear", "final_layer.adaLN_modulation.1")
+    _stream_blocks(t, cfg, modulation=True)
     for name in list(t.natives):
         original = _tencent(name)
         if original != name:
