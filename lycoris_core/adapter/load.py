@@ -203,12 +203,22 @@ def _parse_config(text: str, name: str, what: str):
 
 
 def _config_for(config: dict, module: str) -> dict | None:
-    """A PEFT config, or diffusers' per-component dict of them."""
+    """A PEFT config, or diffusers' per-component dict of them.
+
+    diffusers' ``save_lora_weights`` writes the components flat: ``{"transformer.lora_alpha": 8,
+    "transformer.r": 4, ...}`` (``_pack_dict_with_prefix``); older writers nest them.
+    """
     if "lora_alpha" in config:
         return config
     for component in ("text_encoder_2", "text_encoder", "unet", "transformer"):
-        if module.startswith(component + ".") and isinstance(config.get(component), dict):
+        if not module.startswith(component + "."):
+            continue
+        if isinstance(config.get(component), dict):
             return config[component]
+        head = component + "."
+        flat = {k[len(head):]: v for k, v in config.items() if isinstance(k, str) and k.startswith(head)}
+        if "lora_alpha" in flat:
+            return flat
     return None
 
 

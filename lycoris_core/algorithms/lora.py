@@ -10,6 +10,7 @@ Reference::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -34,6 +35,8 @@ class LoRA(AdapterModule):
         "_lora.up.weight": "lora_up",
         ".lora_linear_layer.down.weight": "lora_down",
         ".lora_linear_layer.up.weight": "lora_up",
+        ".down.weight": "lora_down",  # XLabs Flux processors: <...>.processor.qkv_lora1.down.weight
+        ".up.weight": "lora_up",
         ".lora_A": "lora_down",
         ".lora_B": "lora_up",
     }
@@ -96,3 +99,33 @@ class LoRA(AdapterModule):
         if self.tucker or self.dora:
             return None
         return self._factors()
+
+    # ---- kohya split_qkv (sd-scripts#2204) ----------------------------------------------------
+    def kohya_split(self, row_splits: Sequence[int]) -> int:
+        """n when this LoRA is n rank-r LoRAs re-fused along ``row_splits``, else 0.
+
+        sd-scripts' ``split_qkv`` trains q, k, v (and linear1's MLP part) as separate LoRAs
+        and saves them fused: ``lora_down`` is the n downs stacked (n*r rows), ``lora_up``
+        is block diagonal (rows of part j only in columns j*r..(j+1)*r), and the alpha is
+        the split LoRAs' own. Only that exact structure counts; reads ``lora_up``.
+        """
+        n = len(row_splits)
+        if n < 2 or self.tucker or self.dora or not self.rank or self.rank % n:
+            return 0
+        if self.shape[0] != sum(row_splits):
+            return 0
+        r = self.rank // n
+        up = self._t("lora_up").flatten(1)
+        start = 0
+        for j, rows in enumerate(row_splits):
+            part = up[start : start + rows]
+            if torch.count_nonzero(part[:, : j * r]) or torch.count_nonzero(part[:, (j + 1) * r :]):
+                return 0
+            start += rows
+        return n
+
+    def use_split_scale(self, n: int) -> None:
+        """Apply the trained scale alpha / (rank / n) of a kohya split_qkv module (idempotent)."""
+        if self.alpha:
+            self.scale = self.alpha * n / self.rank
+        self.split = n

@@ -166,8 +166,19 @@ def space_table(arch: str, space: str) -> SpaceTable:
     return SpaceTable(arch, space, slots, keys)
 
 
-def state_shapes(arch: str, space: str, parts: tuple[str, ...] = PARTS) -> dict[str, Shape]:
-    """The (key -> shape) state dict of the chosen parts, as a model in that space holds it."""
+def state_shapes(arch: str, space: str, parts: tuple[str, ...] | None = None) -> dict[str, Shape]:
+    """The (key -> shape) state dict of the chosen parts, as a model in that space holds it.
+
+    `arch` is sd1/sd2/sdxl or a DiT variant (flux-dev, wan2.1-i2v-14b, ...; full size):
+    DiT spaces are comfy, bare, checkpoint and diffusers, parts diffusion_model and the
+    family's text encoders (clip_l, t5xxl, ...). `parts` defaults to every part.
+    """
+    if arch not in ARCHITECTURES:
+        from .dit import dit_state_shapes, variant_config
+
+        family, cfg = variant_config(arch)
+        return dit_state_shapes(family, cfg, space, parts)
+    parts = PARTS if parts is None else parts
     table = space_table(arch, space)
     out: dict[str, Shape] = {}
     for part in parts:

@@ -17,7 +17,7 @@ import torch
 from ..adapter import Adapter
 from ..algorithms import AdapterModule
 from ..errors import ArchitectureMismatchError, BlockWeightError
-from ..keymap import MatchReport, Target, map_adapter
+from ..keymap import MatchReport, Target, is_text_part, map_adapter
 from .blocks import BlockWeights, parse_block_weights
 from .cache import DeltaSource
 from .kernel import accumulate, patched_value
@@ -74,8 +74,11 @@ class PatchPlan:
 
 
 def contribution_strength(spec: AdapterSpec, target: Target, weights: dict[str, float] | None) -> float:
-    """UNet strength x block weight, or CLIP strength x BASE weight; modules outside blocks take plain strength."""
-    if target.part == "unet":
+    """UNet strength x block weight, or CLIP strength x BASE weight; modules outside blocks take plain strength.
+
+    The UNet (diffusion-model) strength applies to every non-text part, the CLIP strength to every text encoder.
+    """
+    if not is_text_part(target.part):
         if weights is None or target.block is None:
             return spec.strength_unet
         return spec.strength_unet * weights.get(target.block, 0.0)
