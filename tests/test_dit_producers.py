@@ -231,16 +231,15 @@ def test_peft_files_from_save_lora_weights_patch_their_rows(tmp_path, flux_base,
         check_formula(rows_of(weights[target.weight_key], target.rows), original,
                       _peft_delta(tensors, name, original, dora), name)
     if case == "flux":
-        _check_swap_pieces(report, adapter, originals)
+        _check_swap_pieces(report, adapter, originals, weights)
 
 
-def _check_swap_pieces(report, adapter, originals):
+def _check_swap_pieces(report, adapter, originals, weights):
     """diffusers' norm_out.linear is (scale, shift); ComfyUI's final_layer.adaLN_modulation.1 is (shift, scale).
 
     The report lists it as two pieces; applied as they say (rows [h, 2h) of the weight take
     rows [0, h) of the delta and the other way round) they give the swapped delta - what
-    comfy.utils.swap_scale_shift does to it. (The patch engine applies Target.source_rows
-    pieces in phase 2; until then they are reported, not patched.)
+    comfy.utils.swap_scale_shift does to it - and the patch engine applies them so.
     """
     name = "transformer.norm_out.linear"
     key = "diffusion_model.final_layer.adaLN_modulation.1.weight"
@@ -251,7 +250,11 @@ def _check_swap_pieces(report, adapter, originals):
         assert piece.weight_key == key and piece.bias_key is None
         applied.narrow(0, *piece.rows).add_(delta.narrow(0, *piece.source_rows), alpha=STRENGTH)
     shift, scale = delta.chunk(2)
-    torch.testing.assert_close(applied, base + STRENGTH * torch.cat([scale, shift]), rtol=1e-6, atol=1e-7)
+    expected = base + STRENGTH * torch.cat([scale, shift])
+    torch.testing.assert_close(applied, expected, rtol=1e-6, atol=1e-7)
+    patched = weights[key]
+    assert not torch.equal(patched, originals[key])
+    torch.testing.assert_close(patched.float(), expected.to(patched.dtype).float(), rtol=8e-3, atol=1e-6)
 
 
 # ---- LyCORIS generic wrapper on a diffusers transformer --------------------------------------

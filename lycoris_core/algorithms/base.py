@@ -21,6 +21,7 @@ from ..numerics.checks import is_finite
 from ..numerics.rounding import check_range, to_dtype
 from ..numerics.tiles import CPU, RowFill, assemble
 from . import dora
+from .piece import RowPiece
 
 #: file suffixes every algorithm that has them shares
 COMMON_SUFFIXES = {".alpha": "alpha"}
@@ -180,6 +181,18 @@ class AdapterModule:
             return raw
         w0 = weight.double()
         return dora.reference_delta(w0, raw.reshape(w0.shape), self._t("dora_scale"), self.dora_axis)
+
+    @property
+    def row_wise(self) -> bool:
+        """Each row of the delta depends only on the same row of W0 (so it may be split by rows)."""
+        return not self.dora or self.dora_axis == "out"
+
+    def row_piece(self, start: int, length: int):
+        """Rows [start, start + length) of this module's delta, as a module (one object per range)."""
+        pieces = self.__dict__.setdefault("_pieces", {})
+        if (start, length) not in pieces:
+            pieces[(start, length)] = RowPiece(self, start, length)
+        return pieces[(start, length)]
 
     @property
     def _dora_rows(self) -> bool:

@@ -41,6 +41,10 @@ class _Orthogonal(AdapterModule):
     uses_weight = True
     linear_in_strength = False
 
+    @property
+    def row_wise(self) -> bool:
+        return False  # rotations mix the rows of each block
+
     def _constraint(self) -> float:
         return (self.alpha or 0.0) * self.shape[0]
 

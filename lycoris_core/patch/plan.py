@@ -16,7 +16,7 @@ import torch
 
 from ..adapter import Adapter
 from ..algorithms import AdapterModule
-from ..errors import ArchitectureMismatchError, BlockWeightError
+from ..errors import ArchitectureMismatchError, BlockWeightError, LycorisError
 from ..keymap import MatchReport, Target, is_text_part, map_adapter
 from .blocks import BlockWeights, parse_block_weights
 from .cache import DeltaSource
@@ -56,6 +56,12 @@ class PatchPlan:
 
     def keys(self) -> list[str]:
         return list(self.contributions)
+
+    def add(self, module: AdapterModule, target: Target, strength: float) -> None:
+        """One module's contribution to ``target``'s weight key (and bias key, when it has a bias delta)."""
+        self.contributions.setdefault(target.weight_key, []).append(Contribution(module, target, strength))
+        if module.has_bias and target.bias_key is not None:
+            self.contributions.setdefault(target.bias_key, []).append(Contribution(module, target, strength, bias=True))
 
     def __contains__(self, key: str) -> bool:
         return key in self.contributions
@@ -103,11 +109,14 @@ def build_plan(specs: Sequence[AdapterSpec], shapes: Mapping[str, tuple[int, ...
             raise type(exc)(f"{spec.adapter.name}: {exc}") from exc
         plan.reports.append(report)
         for name, target in report.targets.items():
+            plan.add(spec.adapter.modules[name], target, contribution_strength(spec, target, weights))
+        for name, pieces in report.pieces.items():
             module = spec.adapter.modules[name]
-            strength = contribution_strength(spec, target, weights)
-            plan.contributions.setdefault(target.weight_key, []).append(Contribution(module, target, strength))
-            if module.has_bias and target.bias_key is not None:
-                plan.contributions.setdefault(target.bias_key, []).append(
-                    Contribution(module, target, strength, bias=True)
-                )
+            if not module.row_wise:
+                raise LycorisError(f"{spec.adapter.name}: {name} is {module.describe()}, whose delta cannot be "
+                                   "split over this model's weights (it needs the whole fused weight); "
+                                   "nothing was applied")
+            for target in pieces:
+                piece = module if target.source_rows is None else module.row_piece(*target.source_rows)
+                plan.add(piece, target, contribution_strength(spec, target, weights))
     return plan
