@@ -109,7 +109,8 @@ class TrainModule(nn.Module):
             self.wd_on_out = bool(dora_on_output)
             w0 = layer.weight.detach().to(torch.float32)
             self.dora_scale = nn.Parameter(self._norm(w0))
-        self.alpha = alpha
+        # alpha as float32 holds it: the file stores it so, and the trained scale is then the file's
+        self.alpha = None if alpha is None else float(torch.tensor(float(alpha), dtype=torch.float32))
         self.rank = self._rank()
         self.scale = 1.0 if self.rank is None or not alpha else float(alpha) / self.rank
         self.dropout = float(dropout)
