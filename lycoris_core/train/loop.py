@@ -9,6 +9,7 @@ optimizer step (progress bars, interruption), and may raise to stop cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
@@ -121,3 +122,44 @@ def checkpoint_blocks(root: nn.Module) -> Callable[[], None]:
                 block.__dict__.pop("forward", None)
 
     return restore
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the same memory as ``t`` (no copy)."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                              t.stride())
+
+
+@contextlib.contextmanager
+def frozen_base(root: nn.Module):
+    """The model as a frozen base for training, for the duration of the block; all undone after.
+
+    - No gradient for its own parameters (``requires_grad`` off, the flags restored after).
+    - ComfyUI runs nodes in inference mode, so a model's parameters are inference tensors,
+      which autograd refuses to save for backward (any layer after the first adapted one needs
+      its weight for the input gradient).  Each such parameter and buffer is replaced by a normal
+      tensor on the same memory (no copy); the original objects come back after.
+    """
+    swapped, flags = [], []
+    with torch.inference_mode(False):
+        for module in root.modules():
+            for name, value in list(module._parameters.items()):
+                if value is None:
+                    continue
+                if value.is_inference() and type(value) in (torch.Tensor, nn.Parameter):
+                    module._parameters[name] = nn.Parameter(_alias(value), requires_grad=False)
+                    swapped.append((module._parameters, name, value))
+                elif value.requires_grad:
+                    value.requires_grad_(False)
+                    flags.append(value)
+            for name, value in list(module._buffers.items()):
+                if value is not None and value.is_inference() and type(value) is torch.Tensor:
+                    module._buffers[name] = _alias(value)
+                    swapped.append((module._buffers, name, value))
+    try:
+        yield len(swapped)
+    finally:
+        for table, name, value in reversed(swapped):
+            table[name] = value
+        for value in flags:
+            value.requires_grad_(True)
