@@ -8,7 +8,6 @@ timestep, call ``diffusion_model(x, t, context=...)`` and return the denoised x0
 from __future__ import annotations
 
 import torch
-
 from comfy.model_sampling import ModelSamplingEPS
 
 
@@ -39,7 +38,8 @@ class BaseModel(torch.nn.Module):
     def process_latent_out(self, latent):
         return self.latent_format.process_out(latent)
 
-    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        transformer_options = transformer_options or {}
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
         dtype = self.manual_cast_dtype if self.manual_cast_dtype is not None else self.get_dtype()

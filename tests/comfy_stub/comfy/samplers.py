@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import uuid
 
-import torch
-
 import comfy.model_management
+import torch
 
 
 class Sampler:
@@ -90,7 +89,8 @@ class CFGGuider:
     def __call__(self, *args, **kwargs):
         return self.predict_noise(*args, **kwargs)
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = model_options or {}
         if self.cfg != 1.0 and self.conds.get("negative"):
             raise NotImplementedError("the stand-in samples with cfg 1 only")
         return calc_cond_batch(self.inner_model, self.conds.get("positive", []), x, timestep, model_options)
