@@ -266,11 +266,12 @@ class TrainLycoris:
 
         mp = model.clone()
         mp.set_model_compute_dtype(dtype)
+        distinct, caption_of = _caption_groups(positive, latents["samples"].shape[0])
+        # patch and load as ComfyUI would (in its inference mode: patch engines' buffers are made there)
+        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         with torch.inference_mode(False):
             samples = _normal_copies(latents["samples"]).to(torch.float32)
             n = samples.shape[0]
-            distinct, caption_of = _caption_groups(positive, n)
-            comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
             diffusion = mp.model.diffusion_model
             shapes = {f"diffusion_model.{k}": tuple(v.shape) for k, v in diffusion.state_dict().items()}
             arch = detect_model(shapes).arch
