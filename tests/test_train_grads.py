@@ -17,6 +17,7 @@ from torch import nn
 
 from lycoris_core.train import (
     AdapterConfig,
+    HadaRebuiltOp,
     HadaWeight,
     HadaWeightTucker,
     KronLinear,
@@ -129,6 +130,7 @@ CASES = [
     ("loha-dora", {"algo": "loha", "dora": True}),
     ("loha-tucker-dora-in", {"algo": "loha", "use_tucker": True, "dora": True, "dora_on_output": False}),
     ("lokr", {"algo": "lokr", "rank": 2}), ("lokr-rebuild", {"algo": "lokr", "rank": 2, "bypass": False}),
+    ("lokr-bypass", {"algo": "lokr", "rank": 2, "bypass": "always"}),
     ("lokr-decompose-both", {"algo": "lokr", "rank": 1, "decompose_both": True, "factor": 4}),
     ("lokr-tucker", {"algo": "lokr", "rank": 2, "use_tucker": True}),
     ("lokr-full", {"algo": "lokr", "full_matrix": True}),
@@ -228,6 +230,22 @@ def test_gradcheck_rebuilt_op(kind):
                                     (x, bias, up, down))
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+@pytest.mark.parametrize("rows", ["scale", "masked"])
+def test_gradcheck_hada_rebuilt_op(kind, rows):
+    make, x_shape = SMALL[kind]
+    torch.manual_seed(0)
+    layer = make().to(F64)
+    spec = LayerSpec.of(layer)
+    out, cols = layer.weight.shape[0], math.prod(layer.weight.shape[1:])
+    w0 = layer.weight.detach()
+    scale = 0.7 if rows == "scale" else torch.tensor([0.0, 1.4] * (out // 2) + [1.4] * (out % 2), dtype=F64)
+    args = (_r(*x_shape, seed=4), _r(out, seed=3), _r(out, 2, seed=1), _r(2, cols, seed=2), _r(out, 2, seed=5),
+            _r(2, cols, seed=6))
+    assert torch.autograd.gradcheck(lambda x, b, a1, b1, a2, b2: HadaRebuiltOp.apply(x, w0, b, spec, scale, a1, b1, a2, b2),
+                                    args)
+
+
 # ---- what autograd keeps ----------------------------------------------------------------------------
 
 def saved_tensors(fn) -> list[torch.Tensor]:
@@ -242,7 +260,8 @@ def saved_tensors(fn) -> list[torch.Tensor]:
     return saved
 
 
-@pytest.mark.parametrize("case", ["lora", "lora-tucker", "loha", "loha-tucker", "lokr", "lora-dora-out", "lokr-dora", "full"])
+@pytest.mark.parametrize("case", ["lora", "lora-tucker", "loha", "loha-tucker", "lokr", "lokr-bypass", "lokr-rebuild",
+                                  "lora-dora-out", "lokr-dora", "full"])
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
 def test_no_weight_sized_tensor_is_saved(case, kind):
     """The point of the custom functions: nothing as large as the weight waits for the backward,

@@ -16,7 +16,16 @@ lycoris-lora's ``create_network_from_weights``, with the delta the network train
 """
 
 from .config import ALGORITHMS, AdapterConfig, build_module, module_from_file
-from .functions import HadaWeight, HadaWeightTucker, KronLinear, KronWeight, LayerSpec, RebuiltOp, rebuilt_forward
+from .functions import (
+    HadaRebuiltOp,
+    HadaWeight,
+    HadaWeightTucker,
+    KronLinear,
+    KronWeight,
+    LayerSpec,
+    RebuiltOp,
+    rebuilt_forward,
+)
 from .loop import (
     LOSSES,
     OPTIMIZERS,
@@ -33,7 +42,7 @@ from .save import SAVE_DTYPES, file_tensors, save_adapter, training_metadata
 from .targets import PRESETS, Preset, Target, find_targets, kohya_name, ldm_to_diffusers, preset, unet_naming
 
 __all__ = [
-    "ALGORITHMS", "LOSSES", "frozen_base", "OPTIMIZERS", "PRESETS", "SAVE_DTYPES", "AdapterConfig", "HadaWeight", "HadaWeightTucker",
+    "ALGORITHMS", "LOSSES", "frozen_base", "OPTIMIZERS", "PRESETS", "SAVE_DTYPES", "AdapterConfig", "HadaRebuiltOp", "HadaWeight", "HadaWeightTucker",
     "KronLinear", "KronWeight", "LayerSpec", "LossNotFiniteError", "Preset", "RebuiltOp", "Target", "TrainFull",
     "TrainIA3", "TrainLoCon", "TrainLoHa", "TrainLoKr", "TrainModule", "TrainableNetwork", "build_module",
     "checkpoint_blocks", "create_network", "factorization", "file_tensors", "find_targets", "kohya_name",

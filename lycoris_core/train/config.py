@@ -42,7 +42,7 @@ class AdapterConfig:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     rank_dropout_scale: bool = False
-    bypass: bool = True  # run ΔW·x beside the frozen layer where the algorithm allows it
+    bypass: bool | str = True  # ΔW·x beside the frozen layer where it allows and pays; "always"; False: never
     factor_dtype: torch.dtype | None = None  # dtype of the factor math; None: the masters' (float32)
     ia3_on_input: tuple[str, ...] = field(default=IA3_ON_INPUT)
 

@@ -15,6 +15,9 @@ their backward, one layer at a time, deleting them as soon as they are used.
 - ``KronLinear``: y = s·x·kron(w1, w2)ᵀ without ever forming the Kronecker product.
 - ``RebuiltOp``: y = op(x, build(W0, factors)) saving x and the factors; the weight is
   rebuilt in backward to give the input gradient and the factors' gradients.
+- ``HadaRebuiltOp``: the same for LoHa in one piece: each half is rebuilt once in backward
+  and serves both the input gradient (through W') and the factors' gradients, so the layer
+  costs no more weight-sized passes than plain autograd while keeping none of them.
 
 Every function is checked against plain autograd in float64 and by ``gradcheck``
 (tests/test_train_grads.py).
@@ -323,6 +326,69 @@ class RebuiltOp(Function):
             axis = ctx.spec.channel_axis(grad)
             gb = grad.sum(dim=[d for d in range(grad.dim()) if d != axis]).to(ctx.bias_dtype)
         return (gx, None, gb, None, None, *param_grads)
+
+
+class HadaRebuiltOp(Function):
+    """y = op(x, W0 + (rows·w1a w1b) ⊙ (w2a w2b), bias), saving x, W0 and the four factors.
+
+    ``rows`` is the scale α/r, or a per-output-row tensor (α/r times a rank-dropout mask):
+    it folds into w1a, so the masked ΔW rows cost nothing.  Backward rebuilds P1 = rows·w1a w1b
+    and P2 = w2a w2b once, uses them for W' (the input gradient), then turns them in place into
+    ∂L/∂P2 = G ⊙ P1 and ∂L/∂P1 = G ⊙ P2 for the factor gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, spec: LayerSpec, rows, w1a, w1b, w2a, w2b):
+        with torch.autocast(x.device.type, enabled=False):
+            weight = HadaRebuiltOp._weight(w0, rows, w1a, w1b, w2a, w2b, x.dtype)
+            y = spec.forward(x, weight, None if bias is None else bias.to(x.dtype))
+        del weight
+        ctx.spec, ctx.rows = spec, rows
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, w0, w1a, w1b, w2a, w2b)
+        return y
+
+    @staticmethod
+    def _halves(rows, w1a, w1b, w2a, w2b):
+        a1 = w1a * (rows if isinstance(rows, float) else rows.to(w1a.dtype).view(-1, 1))
+        return a1, a1 @ w1b, w2a @ w2b
+
+    @staticmethod
+    def _weight(w0, rows, w1a, w1b, w2a, w2b, dtype, halves=None):
+        _, p1, p2 = halves or HadaRebuiltOp._halves(rows, w1a, w1b, w2a, w2b)
+        return torch.addcmul(w0.to(p1.dtype).reshape(p1.shape), p1, p2).reshape(w0.shape).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w0, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        spec, rows = ctx.spec, ctx.rows
+        with torch.autocast(x.device.type, enabled=False):
+            a1, p1, p2 = HadaRebuiltOp._halves(rows, w1a, w1b, w2a, w2b)
+            weight = HadaRebuiltOp._weight(w0, rows, w1a, w1b, w2a, w2b, x.dtype, (a1, p1, p2))
+            gx, gw = spec.backward(grad, x, weight, need[0], any(need[5:9]))
+            del weight
+            g1a = g1b = g2a = g2b = None
+            if gw is not None:
+                gw = gw.reshape(p1.shape).to(p1.dtype)
+                d_p2 = p1.mul_(gw)  # ∂L/∂P2 = G ⊙ P1, in P1's memory
+                d_p1 = p2.mul_(gw)  # ∂L/∂P1 = G ⊙ P2
+                del gw
+                if need[5]:
+                    g1a = d_p1 @ w1b.t()
+                    g1a = g1a * (rows if isinstance(rows, float) else rows.to(g1a.dtype).view(-1, 1))
+                if need[6]:
+                    g1b = a1.t() @ d_p1
+                if need[7]:
+                    g2a = d_p2 @ w2b.t()
+                if need[8]:
+                    g2b = w2a.t() @ d_p2
+                del d_p1, d_p2
+        gb = None
+        if need[2]:
+            axis = spec.channel_axis(grad)
+            gb = grad.sum(dim=[d for d in range(grad.dim()) if d != axis]).to(ctx.bias_dtype)
+        return gx, None, gb, None, None, g1a, g1b, g2a, g2b
 
 
 def rebuilt_forward(x: torch.Tensor, w0: torch.Tensor | None, bias: torch.Tensor | None, spec: LayerSpec,

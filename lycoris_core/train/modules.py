@@ -8,7 +8,10 @@ delta, rebuilt by ``lycoris_core.load_adapter``, equals ``effective_delta()``.
 How a module runs its layer (``forward``):
 
 - **bypass** (LoRA/LoCon, LoKr, (IA)³; not with DoRA or grouped convs):
-  ``base(x) + s·branch(x)``; no weight-sized ΔW, no weight-sized gradient.
+  ``base(x) + s·branch(x)``; no weight-sized ΔW, no weight-sized gradient.  LoKr's branch
+  touches activation-sized tensors several times, so with ``bypass=True`` a LoKr layer takes
+  it only while the activations are small against the weight (tokens ≤ out/2, measured on
+  CPU: ``bench/train.py``); ``bypass="always"`` forces it.  Both keep nothing weight-sized.
 - **rebuild** (LoHa, DoRA, full, or ``bypass=False``): ``op(x, W0 + ΔW)`` through
   ``RebuiltOp``, which saves only x and the factors and rebuilds the weight in backward;
   LoHa's ΔW goes through ``HadaWeight`` and LoKr's through ``KronWeight``.
@@ -28,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functions import HadaWeight, HadaWeightTucker, KronLinear, KronWeight, LayerSpec, rebuilt_forward
+from .functions import (
+    HadaRebuiltOp,
+    HadaWeight,
+    HadaWeightTucker,
+    KronLinear,
+    KronWeight,
+    LayerSpec,
+    rebuilt_forward,
+)
 
 EPS = torch.finfo(torch.float32).eps  # the loader's DoRA epsilon, whatever the math dtype
 _PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
@@ -91,7 +102,7 @@ class TrainModule(nn.Module):
 
     def __init__(self, name: str, layer: nn.Module, shapes: Mapping[str, tuple[int, ...]], alpha: float | None,
                  *, dora_on_output: bool | None = None, dropout: float = 0.0, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0, rank_dropout_scale: bool = False, bypass: bool = True,
+                 module_dropout: float = 0.0, rank_dropout_scale: bool = False, bypass: bool | str = True,
                  factor_dtype: torch.dtype | None = None):
         super().__init__()
         self.lora_name = name
@@ -117,7 +128,9 @@ class TrainModule(nn.Module):
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
         self.rank_dropout_scale = bool(rank_dropout_scale)
-        self.bypass = bool(bypass)
+        if bypass not in (True, False, "always"):
+            raise ValueError(f"bypass must be True, False or 'always', got {bypass!r}")
+        self.bypass = bypass
         self.factor_dtype = factor_dtype
         self._plain_layer = type(layer).forward in _PLAIN_FORWARDS
 
@@ -151,7 +164,11 @@ class TrainModule(nn.Module):
 
     @property
     def use_bypass(self) -> bool:
-        return self.supports_bypass and self.bypass and not self.dora and self.spec.groups == 1
+        return self.supports_bypass and bool(self.bypass) and not self.dora and self.spec.groups == 1
+
+    def _bypass_pays(self, x) -> bool:
+        """Whether this input is better served by the bypass than by a rebuilt weight."""
+        return True
 
     @property
     def rank_mask_size(self) -> int:
@@ -216,7 +233,7 @@ class TrainModule(nn.Module):
         dtype = compute_dtype(x)
         mask = self._rank_mask(x.device)
         params = self.factors()
-        if self.use_bypass:
+        if self.use_bypass and (self.bypass == "always" or self._bypass_pays(x)):
             base = self.base_forward(x, *args, **kwargs)
             branch = self._branch(x.to(dtype), [p.to(dtype) for p in params], mask)
             if self.training and self.dropout:
@@ -226,8 +243,11 @@ class TrainModule(nn.Module):
             base = self.base_forward(x, *args, **kwargs)
             branch = rebuilt_forward(x.to(dtype), None, None, self.spec, self._builder(dtype, mask), params)
             return base + F.dropout(branch, self.dropout).to(base.dtype)
-        return rebuilt_forward(x.to(dtype), self.layer.weight, self._bias(), self.spec,
-                               self._builder(dtype, mask), params)
+        return self._rebuilt(x.to(dtype), self.layer.weight, self._bias(), dtype, mask, params)
+
+    def _rebuilt(self, x, w0, bias, dtype, mask, params):
+        """op(x, W0 + ΔW) with nothing weight-sized kept for backward."""
+        return rebuilt_forward(x, w0, bias, self.spec, self._builder(dtype, mask), params)
 
     def _bias(self):
         return self.layer.bias
@@ -400,6 +420,14 @@ class TrainLoHa(TrainModule):
                 self.hada_t1.normal_(0.0, 0.1, generator=generator)
                 self.hada_t2.normal_(0.0, 0.1, generator=generator)
 
+    def _rebuilt(self, x, w0, bias, dtype, mask, params):
+        if self.tucker or self.dora or not self.spec.fused_backward:
+            return super()._rebuilt(x, w0, bias, dtype, mask, params)
+        p = self._p(params, self._math_dtype(params))
+        rows = self.scale if mask is None else mask * self.scale
+        return HadaRebuiltOp.apply(x, w0, bias, self.spec, rows, p["hada_w1_a"], p["hada_w1_b"],
+                                   p["hada_w2_a"], p["hada_w2_b"])
+
     def _delta(self, params, dtype, mask):
         p = self._p(params, dtype)
         if self.tucker:
@@ -462,6 +490,12 @@ class TrainLoKr(TrainModule):
             for role in ("lokr_w2", "lokr_w2_b"):  # the big block starts at 0
                 if role in self.present:
                     getattr(self, role).zero_()
+
+    def _bypass_pays(self, x) -> bool:
+        # the branch costs ~10 passes over activation-sized tensors, the rebuild a few over the
+        # weight plus its gradient: bypass while the tokens are at most half the output width
+        tokens = x.numel() // max(1, x.shape[self.spec.channel_axis(x)])
+        return 2 * tokens <= self.spec.out_features
 
     def _blocks(self, p):
         """(w1 (a, c), w2 (b, d·k…)) from whichever factors the module has."""
