@@ -425,3 +425,44 @@ def test_bad_options_are_refused():
             AdapterConfig(**kwargs)
     with pytest.raises(ValueError, match="nothing to train"):
         create_network([], AdapterConfig())
+
+
+LYCORIS_READS = [
+    {"algo": "lora"}, {"algo": "lora", "use_tucker": True}, {"algo": "lora", "dora": True},
+    {"algo": "loha"}, {"algo": "loha", "use_tucker": True}, {"algo": "loha", "dora": True},
+    {"algo": "lokr", "rank": 2}, {"algo": "lokr", "rank": 1, "decompose_both": True},
+    {"algo": "lokr", "rank": 2, "factor": 4}, {"algo": "lokr", "full_matrix": True},
+    {"algo": "lokr", "rank": 2, "dora": True}, {"algo": "full"},
+]
+
+
+@pytest.mark.parametrize("kwargs", LYCORIS_READS, ids=[str(k) for k in LYCORIS_READS])
+def test_lycoris_create_network_from_weights_gives_the_same_layers(tmp_path, kwargs):
+    """The algorithms and forms lycoris-lora 4.1.3's loader can rebuild come back with the same layer outputs.
+
+    It cannot rebuild (IA)³ (wrong argument count), input-axis DoRA (always made on the output
+    axis), LoKr Tucker (rank read from the wrong axis of lokr_w2_a) or a LoKr factor it cannot
+    re-derive from the shapes; this project's loader reads all of those (test_train_run & co).
+    """
+    import copy
+
+    import lycoris.kohya as lk
+
+    root = nn.Module()
+    root.lin, root.conv, root.pw = layer("linear"), layer("conv3x3"), layer("conv1x1")
+    targets = [Target(f"lora_unet_{n}", n, getattr(root, n)) for n in ("lin", "conv", "pw")]
+    kwargs = dict(kwargs)
+    net = create_network(targets, AdapterConfig(rank=kwargs.pop("rank", 4), alpha=2.0, **kwargs))
+    randomise(net)
+    path = net.save(tmp_path / "a.safetensors", torch.float32)
+    fresh = copy.deepcopy(root)
+    lyco, _ = lk.create_network_from_weights(1.0, str(path), None, None, fresh, for_inference=True)
+    assert len(lyco.unet_loras) == 3
+    lyco.apply_to(None, fresh, apply_text_encoder=False, apply_unet=True)
+    xs = {"lin": torch.randn(2, 24), "conv": torch.randn(2, 16, 5, 5), "pw": torch.randn(2, 16, 5, 5)}
+    for t in targets:
+        with torch.no_grad(), net.attached():
+            ours = t.layer(xs[t.path])
+        with torch.no_grad():
+            theirs = getattr(fresh, t.path)(xs[t.path])
+        assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5), t.name
