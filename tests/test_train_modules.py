@@ -466,3 +466,47 @@ def test_lycoris_create_network_from_weights_gives_the_same_layers(tmp_path, kwa
         with torch.no_grad():
             theirs = getattr(fresh, t.path)(xs[t.path])
         assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5), t.name
+
+
+class CastingLinear(nn.Linear):
+    """Like ComfyUI's ops: its own forward casts the weight (and runs any weight functions) each call."""
+
+    weight_function: list = []
+
+    def forward(self, x):
+        weight = self.weight.to(x.dtype)
+        for f in self.weight_function:
+            weight = f(weight)
+        return F.linear(x, weight, self.bias.to(x.dtype))
+
+
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+@pytest.mark.parametrize("where", ["plain", "comfy-op", "autocast"])
+def test_a_cast_base_weight_is_not_kept_for_backward(algo, where):
+    torch.manual_seed(0)
+    lay = (CastingLinear if where == "comfy-op" else nn.Linear)(64, 96).to(torch.float16).requires_grad_(False)
+    net, m = single(lay, algo=algo, rank=2)
+    randomise(net)
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), net.attached():
+        if where == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = lay(x)
+        else:
+            y = lay(x)
+    assert not [t for t in saved if t.numel() >= lay.weight.numel() and t.data_ptr() != lay.weight.data_ptr()]
+    dtype = torch.bfloat16 if where == "autocast" else torch.float32
+    want = F.linear(x.to(dtype), (lay.weight.float() + m.effective_delta()).to(dtype), lay.bias.to(dtype))
+    assert y.dtype == dtype and torch.allclose(y.float(), want.float(), atol=2e-2 if where == "autocast" else 1e-5)
+    y.float().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters())
+
+
+def test_a_layer_with_weight_functions_keeps_its_own_forward():
+    lay = CastingLinear(8, 8).to(torch.float16).requires_grad_(False)
+    lay.weight_function = [lambda w: w * 0]  # e.g. ComfyUI's low-VRAM patch: only its forward applies it
+    net, m = single(lay)
+    x = torch.randn(2, 8)
+    with net.attached():
+        assert torch.allclose(lay(x), torch.zeros(2, 8) + lay.bias.float())  # ΔW starts at 0: base alone

@@ -43,7 +43,8 @@ from .functions import (
 
 EPS = torch.finfo(torch.float32).eps  # the loader's DoRA epsilon, whatever the math dtype
 _PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
-_AUTOCAST_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16)
+# attributes of layers whose forward does more than cast and run (ComfyUI's lowvram patches, scaled fp8)
+_OWN_MATH = ("scale_weight", "scale_input", "weight_scale")
 
 
 def _prod(values) -> int:
@@ -133,6 +134,8 @@ class TrainModule(nn.Module):
         self.bypass = bypass
         self.factor_dtype = factor_dtype
         self._plain_layer = type(layer).forward in _PLAIN_FORWARDS
+        self._plain_weight = type(layer.weight) in (torch.Tensor, nn.Parameter) and not any(
+            hasattr(layer, a) for a in _OWN_MATH)
 
     # ---- per-algorithm hooks ------------------------------------------------------------------
     def _rank(self) -> int | None:
@@ -218,12 +221,20 @@ class TrainModule(nn.Module):
             return delta
         return delta * mask.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
 
+    def _casts_itself(self, x) -> bool:
+        """The layer's weight can simply be cast to the compute dtype (no pending weight functions)."""
+        layer = self.layer
+        if self._plain_layer:
+            return True
+        return (self._plain_weight and layer.weight.device == x.device
+                and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None))
+
     def base_forward(self, x, *args, **kwargs):
-        """The frozen layer: its own forward when it can run on x, else a cast that saves no copy."""
+        """The frozen layer.  A weight in another dtype than the math (fp16/fp8 storage, autocast,
+        ComfyUI's manual cast) is cast inside ``RebuiltOp``: autograd keeps no cast copy of it."""
         w = self.layer.weight
         dtype = compute_dtype(x)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not self._plain_layer or w.dtype == dtype or (autocast and w.dtype in _AUTOCAST_WEIGHTS):
+        if w.dtype == dtype or not self._casts_itself(x):
             return self._org_forward(x, *args, **kwargs)
         return rebuilt_forward(x.to(dtype), w, self.layer.bias, self.spec, lambda w0: w0.to(dtype), ())
 
