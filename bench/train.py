@@ -57,7 +57,6 @@ ALGOS = ("lora", "loha", "lokr")
 METHODS = ("ours", "plain", "comfy")
 BASE = "base"
 DOC_TITLE = "## Training"
-START, END = "<!-- train-table -->", "<!-- /train-table -->"
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -313,21 +312,22 @@ def main(argv=None):
     lines = table(rows)
     print("\n".join(lines))
     if args.write_docs:
-        write_docs(lines, args)
+        write_docs(lines, args, models)
     return 0
 
 
-def write_docs(lines, args):
-    """Replace the table (between the train-table markers) of the Training section in docs/benchmarks.md."""
+def write_docs(lines, args, models):
+    """Replace this run's table (between its train-table markers) in the Training section of docs/benchmarks.md."""
+    start, end = f"<!-- train-table {','.join(models)} -->", f"<!-- /train-table {','.join(models)} -->"
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text()
     cmd = "python bench/train.py" + (f" --models {args.models}" if args.models else " --unet" if args.unet else "") + \
           f" --resolution {args.resolution} --batch {args.batch} --rank {args.rank} --steps {args.steps}" + \
           f" --threads {args.threads}"
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.device}"
-    block = "\n".join([START, f"`{cmd}` ({machine}, {time.strftime('%Y-%m-%d')}):", "", *lines, END])
-    if START in text:
-        text = re.sub(rf"{re.escape(START)}.*?{re.escape(END)}", lambda _: block, text, flags=re.S)
+    block = "\n".join([start, f"`{cmd}` ({machine}, {time.strftime('%Y-%m-%d')}):", "", *lines, end])
+    if start in text:
+        text = re.sub(rf"{re.escape(start)}.*?{re.escape(end)}", lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + f"\n\n{DOC_TITLE}\n\n{block}\n"
     doc.write_text(text)
