@@ -140,14 +140,6 @@ def install_naive(net, custom_hada: bool):
 
 # ---- one case, in its own process ------------------------------------------------------------------
 
-def read_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_case(args) -> dict:
     from patch import PeakRSS  # bench/patch.py: RssAnon polled from a child process
 

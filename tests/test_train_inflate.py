@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lycoris_factory import make_adapter
 from torch import nn
+from train_fixtures import one_thread  # noqa: F401  (autouse)
 
 from lycoris_core import load_adapter
 from lycoris_core.cli import main
@@ -23,15 +24,6 @@ from lycoris_core.train.inflate import embed_kernel, inflate_adapter
 
 VARIANTS = ["lora", "locon-tucker", "loha", "loha-tucker", "lokr", "lokr-factor", "lokr-tucker", "lokr-full-matrix",
             "lora-dora-out", "loha-dora-in", "full", "ia3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs: extra intra-op threads only spin, badly so on a busy 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import comfy.utils  # noqa: E402
 from comfy.model_base import BaseModel  # noqa: E402
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 from lycoris_factory import tiny_models  # noqa: E402
+from train_fixtures import one_thread  # noqa: E402, F401  (autouse)
 
 from lycoris_core import OutputExistsError, load_adapter  # noqa: E402
 from nodes import glue  # noqa: E402
@@ -41,14 +42,6 @@ def comfy_style(unet):
 
     unet.__class__ = type("ComfyStyleUNet", (base,), {"forward": forward})
     return unet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture()

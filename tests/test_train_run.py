@@ -17,6 +17,7 @@ import pytest
 import tomllib
 import torch
 from lycoris_factory import SD15_PRESET, tiny_models
+from train_fixtures import one_thread  # noqa: F401  (autouse)
 
 from lycoris_core import load_adapter
 from lycoris_core.train import (
@@ -36,14 +37,6 @@ RUNS = {
     "loha": (AdapterConfig("loha", rank=4, alpha=4), "unet-transformer", 2e-3),
     "lokr": (AdapterConfig("lokr", rank=2, alpha=2, factor=4), "unet-transformer", 1e-2),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def batch(seed: int = 0):
