@@ -17,6 +17,7 @@ Everything about adapters (modules, custom backward, names, saving) is the core'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -261,6 +262,12 @@ class TrainLycoris:
             factor_dtype=DTYPES[lora_dtype],
         )
         existing = load_adapter(glue.adapter_path(existing_adapter)) if existing_adapter not in (NONE, "", None) else None
+        if existing is not None:
+            algos = {m.algo.replace("locon", "lora") for m in existing.modules.values()}
+            if len(algos) == 1 and algos != {algorithm.replace("locon", "lora")} and algos <= set(ALGORITHMS):
+                # continuing: the file's algorithm wins (its layers keep it; new layers and the metadata follow)
+                log.info("[LyCORIS] %s is %s: continuing it as %s", existing_adapter, *algos, *algos)
+                config = dataclasses.replace(config, algo=next(iter(algos)))
         dtype = DTYPES[training_dtype]
         started = time.time()
 

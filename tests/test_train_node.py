@@ -147,6 +147,7 @@ def test_node_continues_an_existing_adapter(loras, model):
                       steps=1, learning_rate=1e-7)["result"][4]
     a, b = load_adapter(first), load_adapter(second)
     assert set(a.modules) == set(b.modules) and all(m.algo == "loha" for m in b.modules.values())
+    assert json.loads(b.metadata["ss_network_args"])["algo"] == "loha"  # the file's algorithm, not the input's
     for name, module in a.modules.items():
         w0 = torch.zeros(module.shape)
         d1, d2 = module.delta(w0), b.modules[name].delta(w0)
