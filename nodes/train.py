@@ -266,7 +266,7 @@ class TrainLycoris:
             algos = {m.algo.replace("locon", "lora") for m in existing.modules.values()}
             if len(algos) == 1 and algos != {algorithm.replace("locon", "lora")} and algos <= set(ALGORITHMS):
                 # continuing: the file's algorithm wins (its layers keep it; new layers and the metadata follow)
-                log.info("[LyCORIS] %s is %s: continuing it as %s", existing_adapter, *algos, *algos)
+                log.info("[LyCORIS] %s is a %s adapter: continuing it as one", existing_adapter, *algos)
                 config = dataclasses.replace(config, algo=next(iter(algos)))
         dtype = DTYPES[training_dtype]
         started = time.time()
@@ -341,7 +341,7 @@ class TrainLycoris:
             lora = file_tensors(net, SAVE_DTYPES[save_dtype])
         patched = apply_trained(model, path, targets)
         first, last = losses[0], sum(losses[-5:]) / len(losses[-5:])
-        text = (f"{path.name}: {algorithm} on {len(net)} layers ({preset}), {steps} steps, loss {first:.4g} -> "
+        text = (f"{path.name}: {config.algo} on {len(net)} layers ({preset}), {steps} steps, loss {first:.4g} -> "
                 f"{last:.4g}{'' if math.isfinite(last) else ' (not finite)'}")
         log.info("[LyCORIS] %s", text)
         return {"ui": {"lycoris": [text]},
