@@ -124,7 +124,7 @@ class TrainModule(nn.Module):
         # alpha as float32 holds it: the file stores it so, and the trained scale is then the file's
         self.alpha = None if alpha is None else float(torch.tensor(float(alpha), dtype=torch.float32))
         self.rank = self._rank()
-        self.scale = 1.0 if self.rank is None or not alpha else float(alpha) / self.rank
+        self.scale = 1.0 if self.rank is None or not self.alpha else self.alpha / self.rank
         self.dropout = float(dropout)
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
