@@ -11,6 +11,7 @@ from lycoris_core.adapter.cache import file_key
 
 from . import glue
 from .info import adapter_info, summary_text
+from .train import TrainLycoris
 
 CATEGORY = "loaders/lycoris"
 STACK_ROWS = 6
@@ -186,6 +187,7 @@ NODE_CLASS_MAPPINGS = {
     "LycorisLoaderModelOnly": LycorisLoaderModelOnly,
     "LycorisStack": LycorisStack,
     "LycorisInfo": LycorisInfo,
+    "LycorisTrain": TrainLycoris,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -193,4 +195,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoaderModelOnly": "Load LyCORIS (model only)",
     "LycorisStack": "LyCORIS Stack",
     "LycorisInfo": "LyCORIS Info",
+    "LycorisTrain": "Train LyCORIS",
 }

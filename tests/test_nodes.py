@@ -257,7 +257,7 @@ def test_fp8_weights_use_comfy_rounding(loras, real_keys):
 
 def test_node_definitions():
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
-        assert node_id.startswith("Lycoris") and cls.CATEGORY == "loaders/lycoris"
+        assert node_id.startswith("Lycoris") and cls.CATEGORY == ("training" if node_id == "LycorisTrain" else "loaders/lycoris")
         assert callable(getattr(cls, cls.FUNCTION))
     req = LycorisLoader.INPUT_TYPES()["required"]
     assert req["strength_model"][1] == {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,

@@ -19,6 +19,7 @@ from ..testing.demo import write_demo_files
 from .bake import BAKE_THREADS, bake_checkpoint
 from .common import MergeError, MergeInput
 from .extract import extract_adapter
+from .inflate import inflate_adapter
 from .merge import convert_adapter, merge_adapters, resize_adapter
 
 ADAPTER_HELP = ("adapter file, optionally with strengths: PATH@UNET[,CLIP] (e.g. a.safetensors@0.8,1); "
@@ -112,6 +113,13 @@ def _extract(args) -> int:
     return _finish(report, args)
 
 
+def _inflate(args) -> int:
+    report = inflate_adapter(args.input, args.output, depth=args.depth, base=args.base, overwrite=args.overwrite,
+                             dry_run=args.dry_run)
+    print(report.to_text())
+    return 0
+
+
 def _write_options(p, threads_default: int | None = None) -> None:
     p.add_argument("-o", "--output", help="output .safetensors (not needed with --dry-run)")
     p.add_argument("--threads", type=int, default=threads_default,
@@ -199,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-diff", type=float, default=0.0, help="skip layers whose max |ΔW| is at most this")
     _write_options(p)
     p.set_defaults(run=_extract)
+
+    p = sub.add_parser("inflate", help="turn a 2-D conv adapter into its 3-D counterpart (centre-slice embedding)",
+                       description="Each k×k conv factor becomes D×k×k with the 2-D kernel at the centre depth slice "
+                                   "and zeros elsewhere: with depth padding D//2 the 3-D conv equals the 2-D one per slice.")
+    p.add_argument("input", help="adapter file (LoRA/LoCon, Tucker LoCon, LoHa, LoKr, full, (IA)3; DoRA too)")
+    p.add_argument("--depth", type=int, help="odd size of the new kernel axis (default: each kernel's height)")
+    p.add_argument("--base", help="the 2-D base checkpoint: gives the kernels of LoHa/LoKr convs, which files store "
+                                  "flattened (SD1/SD2/SDXL names are found without it)")
+    _write_options(p)
+    p.set_defaults(run=_inflate)
     return parser
 
 

@@ -45,3 +45,26 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
 
 def load_model_gpu(model):
     return load_models_gpu([model])
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+interrupt_processing = False
+
+
+def interrupt_current_processing(value=True):
+    global interrupt_processing
+    interrupt_processing = value
+
+
+def processing_interrupted():
+    return interrupt_processing
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_processing
+    if interrupt_processing:
+        interrupt_processing = False
+        raise InterruptProcessingException()

@@ -95,6 +95,26 @@ class ModelPatcher:
     def model_size(self):
         return self.size
 
+    def model_dtype(self):
+        if hasattr(self.model, "get_dtype"):
+            return self.model.get_dtype()
+
+    def add_object_patch(self, name, obj):
+        self.object_patches[name] = obj
+
+    def set_model_compute_dtype(self, dtype):
+        self.add_object_patch("manual_cast_dtype", dtype)
+        if dtype is not None:
+            self.force_cast_weights = True
+        self.patches_uuid = uuid.uuid4()
+
+    def get_model_object(self, name):
+        if name in self.object_patches:
+            return self.object_patches[name]
+        if name in self.object_patches_backup:
+            return self.object_patches_backup[name]
+        return comfy.utils.get_attr(self.model, name)
+
     def clone(self):
         n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
                            weight_inplace_update=self.weight_inplace_update)

@@ -27,3 +27,32 @@ def set_attr_param(obj, attr: str, value):
 
 def copy_to_param(obj, attr: str, value):
     get_attr(obj, attr).data.copy_(value)
+
+
+PROGRESS_BAR_ENABLED = True
+PROGRESS_BAR_HOOK = None
+
+
+def set_progress_bar_global_hook(function):
+    global PROGRESS_BAR_HOOK
+    PROGRESS_BAR_HOOK = function
+
+
+class ProgressBar:
+    """As ComfyUI's: ``update_absolute`` clamps to the total and calls the global hook (the UI's bar)."""
+
+    def __init__(self, total, node_id=None):
+        self.total = total
+        self.current = 0
+        self.hook = PROGRESS_BAR_HOOK
+        self.node_id = node_id
+
+    def update_absolute(self, value, total=None, preview=None):
+        if total is not None:
+            self.total = total
+        self.current = min(value, self.total)
+        if self.hook is not None:
+            self.hook(self.current, self.total, preview, node_id=self.node_id)
+
+    def update(self, value):
+        self.update_absolute(self.current + value)

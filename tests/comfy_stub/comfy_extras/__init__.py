@@ -1,0 +1,1 @@
+"""Stand-in for the ``comfy_extras`` package (only what the training node imports)."""
