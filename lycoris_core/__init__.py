@@ -11,7 +11,9 @@ The packages, lowest first (each may import only those above it):
 - ``keymap``: architecture tables, naming schemes, detection, the match report;
 - ``adapter``: ``load_adapter`` and the ``Adapter``; metadata, description, the file cache;
 - ``patch``: plans, the one patch kernel, the delta cache, ``WeightPatcher``;
-- ``tools``: merge / convert / resize / bake / extract and the CLI;
+- ``tools``: merge / convert / resize / bake / extract / inflate and the CLI;
+- ``train``: trainable modules of every algorithm with the loader's math and memory-saving
+  backward, training loop, saving in the layout real files use;
 - ``testing``: synthetic adapters and the demo (fixtures, not engine).
 """
 
