@@ -74,6 +74,17 @@ def test_every_family_table_is_the_documented_one(variant):
     assert parse_block_weights(",".join(["0.5"] * len(t.slots))).resolve(variant) == dict.fromkeys(t.ids.values(), 0.5)
 
 
+def test_readme_and_docstring_list_every_table():
+    from pathlib import Path
+
+    from lycoris_core.patch import blocks
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for table in set(DOCUMENTED.values()):
+        assert f"`{table}`" in readme, table
+        assert table in blocks.__doc__, table
+
+
 def test_every_module_of_every_family_is_in_one_slot():
     for variant in DOCUMENTED:
         family, cfg, t = table_of(variant)

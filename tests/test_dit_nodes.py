@@ -154,3 +154,17 @@ def test_info_node_route_json_and_inspect_show_family_variant_and_parts(loras, c
 
 def test_block_weights_tooltip_names_the_dit_tables():
     assert "61" in BLOCKS_TOOLTIP and "double=0.5" in BLOCKS_TOOLTIP
+
+
+def test_panel_preview_shows_the_architecture_parts_and_dit_blocks(loras, tmp_path):
+    pytest.importorskip("gradio")
+    from web.panel.actions import preview
+    from web.panel.folders import Folders
+
+    shown = preview(Folders(loras, tmp_path, "test"), "flux_kohya.safetensors")
+    assert "**flux, variant flux-dev**" in shown.summary
+    assert "| parts | diffusion_model 3/3, clip_l 1/1, t5xxl 1/1 |" in shown.summary
+    assert list(shown.blocks["block"]) == ["D00", "S00", "OUT", "clip_l", "t5xxl"]
+    peft = preview(Folders(loras, tmp_path, "test"), "flux_peft.safetensors")
+    assert list(peft.blocks["block"]) == ["D00", "S00", "OUT"]  # norm_out's row pieces are charted too
+    assert sum(peft.blocks["modules"]) == 3

@@ -23,20 +23,21 @@ scaled: they take the plain UNet strength, as lora-block-weight leaves its "unkn
 block), the blocks by index in model order, ``OUT`` (the final layer).  Every module of a DiT
 is in exactly one slot.  Full-size tables:
 
-====================  =====  ==============================================================
+====================  =====  ===============================================================
 family                slots  table
-====================  =====  ==============================================================
-Flux.1, Chroma        61     CLIP, T5, IN, D00-D18, S00-S37, OUT  (lora-block-weight's Flux table;
-                             Chroma has no CLIP-L, its CLIP slot matches nothing)
+====================  =====  ===============================================================
+Flux.1, Chroma        61     CLIP, T5, IN, D00-D18, S00-S37, OUT  (lora-block-weight's Flux
+                             table; Chroma has no CLIP-L, its CLIP slot matches nothing)
 SD3 / 3.5 medium      29     CLIP, CLIP_G, T5, IN, J00-J23, OUT
 SD3.5 large           43     CLIP, CLIP_G, T5, IN, J00-J37, OUT
-Wan 14B / 1.3B, 5B    43/33  T5 (umT5), IN, B00-B39 (B00-B29), OUT
+Wan 14B               43     T5, IN, B00-B39, OUT  (T5 = umT5)
+Wan 1.3B, 2.2 5B      33     T5, IN, B00-B29, OUT
 Qwen-Image            63     QWEN, IN, B00-B59, OUT
 HunyuanVideo          64     CLIP, LLAMA, IN, D00-D19, S00-S39, OUT  (token refiner: IN)
 HiDream-I1            54     CLIP, CLIP_G, T5, LLAMA, IN, D00-D15, S00-S31, OUT
 Lumina 2              33     GEMMA, IN, L00-L25, NR00-NR01, CR00-CR01, OUT
 Z-Image               36     IN, L00-L29, NR00-NR01, CR00-CR01, OUT
-====================  =====  ==============================================================
+====================  =====  ===============================================================
 
 (D = double-stream, S = single-stream, J = SD3 joint, B = Wan/Qwen blocks, L = Lumina/Z-Image
 layers, NR/CR = noise/context refiners.)  Accepted for a DiT:
