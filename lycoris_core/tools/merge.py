@@ -148,7 +148,7 @@ def load_inputs(inputs: list[MergeInput]):
     return [load_adapter(i.path) for i in inputs]
 
 
-def model_arch(adapters, base_shapes=None) -> ModelLayout | None:
+def merge_model(adapters, base_shapes=None) -> ModelLayout | None:
     """The model a merge sums on: the base checkpoint's, or the adapters' architecture (None: unknown).
 
     Adapters of one DiT family agree when at most one published variant is named among them
@@ -400,7 +400,7 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
     adapters = load_inputs(inputs)
     base_src = _base_reader(base) if base else None
     base_shapes = {k: base_src.shape(k) for k in base_src} if base_src else None
-    model = model_arch(adapters, base_shapes)
+    model = merge_model(adapters, base_shapes)
     report = MergeReport(dry_run=dry_run, title=title)
     layout = _layout(adapters, inputs, None if model is None else comfy_layout(model),
                      model if base_shapes is not None else None, report)
