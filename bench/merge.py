@@ -37,10 +37,10 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lycoris_core.io.stream import StreamItem, StreamWriter, stream_copy  # noqa: E402
-from lycoris_core.keymap import state_shapes  # noqa: E402
+from lycoris_core.keymap.canonical import comfy_shapes  # noqa: E402
 from lycoris_core.testing.synthetic import attention_only, default_targets, synthetic_adapter, write_checkpoint  # noqa: E402
 from lycoris_core.tools.bake import bake_checkpoint  # noqa: E402
-from lycoris_core.tools.merge import MergeInput, gather, load_inputs, model_arch, summed_delta, summed_factors  # noqa: E402
+from lycoris_core.tools.merge import MergeInput, gather, load_inputs, merge_model, summed_delta, summed_factors  # noqa: E402
 from lycoris_core.tools.svd import auto_plan, truncate  # noqa: E402
 
 COMMAND = "python bench/merge.py"
@@ -105,8 +105,7 @@ def job_matrices(paths, strength=0.8):
     """(name, dense delta (out, in·k·k), factors or None) for every module, as merge builds them."""
     inputs = [MergeInput(p, strength, strength) for p in paths]
     adapters = load_inputs(inputs)
-    arch = model_arch(adapters)
-    groups = gather(adapters, inputs, arch, state_shapes(arch, "comfy"), [], [])
+    groups = gather(adapters, inputs, comfy_shapes(merge_model(adapters)), [], [])
     out = []
     for key, contribs in groups.items():
         shape = tuple(contribs[0].target.shape)

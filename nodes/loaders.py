@@ -18,9 +18,11 @@ STACK_ROWS = 6
 
 STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "display": "slider"}
 BLOCKS_TOOLTIP = (
-    "Optional block weights: a preset (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, NONE), "
-    "a vector of 17/26 numbers (SD1/SD2) or 12/20 (SDXL) starting with BASE, "
-    "or a named form like 'in=0.5, mid=1, out03-05=0'. Empty = full strength everywhere."
+    "Optional block weights. SD1/SD2/SDXL: a preset (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, NONE), "
+    "a vector of 17/26 numbers (SD1/SD2) or 12/20 (SDXL) starting with BASE, or a named form like "
+    "'in=0.5, mid=1, out03-05=0'. Diffusion transformers: one number per slot of the model's table "
+    "(Flux: 61 = CLIP, T5, IN, D00-D18, S00-S37, OUT, as lora-block-weight; SD3 joint, Wan/Qwen blocks, ...), "
+    "or a named form like 'double=0.5, single03-10=0, t5=0'. Empty = full strength everywhere."
 )
 
 
@@ -69,7 +71,8 @@ class _OneAdapter:
 
 
 class LycorisLoader(_OneAdapter):
-    DESCRIPTION = "Apply one LoRA/LyCORIS adapter (LoRA, LoCon, LoHa, LoKr, full, IA3, GLoRA, OFT/BOFT, DoRA) to MODEL and CLIP."
+    DESCRIPTION = ("Apply one LoRA/LyCORIS adapter (LoRA, LoCon, LoHa, LoKr, full, IA3, GLoRA, OFT/BOFT, DoRA) to MODEL "
+                   "and CLIP: SD1/SD2/SDXL, Flux, Chroma, SD3/3.5, Wan, Qwen-Image, HunyuanVideo, Lumina 2, HiDream.")
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "info")
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.",
@@ -96,7 +99,8 @@ class LycorisLoader(_OneAdapter):
 
 
 class LycorisLoaderModelOnly(_OneAdapter):
-    DESCRIPTION = "Apply one LoRA/LyCORIS adapter to the diffusion model only."
+    DESCRIPTION = ("Apply one LoRA/LyCORIS adapter to the diffusion model only (e.g. a Flux or Wan model from "
+                   "UNETLoader).")
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "info")
 
@@ -163,7 +167,8 @@ class LycorisStack:
 
 
 class LycorisInfo(_OneAdapter):
-    DESCRIPTION = "Describe an adapter file: algorithms, ranks, alpha, base model, architecture, trigger words, blocks."
+    DESCRIPTION = ("Describe an adapter file: algorithms, ranks, alpha, base model, architecture and variant, parts, "
+                   "trigger words, blocks.")
     RETURN_TYPES = ("STRING", "STRING", "STRING")
     RETURN_NAMES = ("summary", "trigger_words", "blocks_touched")
     FUNCTION = "describe"

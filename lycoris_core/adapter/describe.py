@@ -18,7 +18,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..keymap import block_order, detect_adapter, map_adapter, state_shapes
+from ..keymap import block_order, map_adapter, state_shapes
+from ..keymap.detect import identify_adapter
+from ..keymap.dit.detect import FAMILY_LABEL
 from .load import Adapter
 from .metadata import base_model, preview_image, trigger_words
 
@@ -64,6 +66,11 @@ class AdapterSummary:
     parts: dict[str, dict[str, int]]
     blocks: list[str]
     module_blocks: dict[str, str] = field(repr=False)
+    family: str | None = None  # sd1/sd2/sdxl, or the DiT family (flux, sd3, wan, qwen-image, ...)
+    variant: str | None = None  # the published DiT variant the modules pin (flux-dev, wan2.1-i2v-14b), if any
+    variants: list[str] = field(default_factory=list)  # DiT variants the modules fit equally well
+    row_pieces: int = 0  # modules spread over several weights of the ComfyUI model (diffusers norm_out, ...)
+    split_qkv: int = 0  # kohya split_qkv modules, applied at their trained scale
     trigger_words: list[str] = field(default_factory=list)
     unknown_keys: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
@@ -92,13 +99,24 @@ def describe(adapter: Adapter, name: str | None = None) -> AdapterSummary:
 
 def _describe(adapter: Adapter) -> AdapterSummary:
     path = adapter.path
-    arch = detect_adapter(adapter.modules)
-    blocks, parts, module_blocks = [], {}, {}
+    arch, guess = identify_adapter(adapter.modules, metadata=adapter.metadata)
+    blocks, parts, module_blocks, pieces, split = [], {}, {}, 0, 0
+    family = variant = None
+    variants: list[str] = []
     if arch != "unknown":
-        report = map_adapter(adapter.modules, state_shapes(arch, "comfy"), allow_partial=True)
+        dit = guess is not None and arch == guess.name
+        family = FAMILY_LABEL[guess.family] if dit else arch
+        if dit:
+            variants = list(guess.variants)
+            variant = arch if arch in variants else None
+        # mapped onto the full-size model of that architecture in ComfyUI's key space
+        report = map_adapter(adapter.modules, state_shapes(arch, "comfy"), allow_partial=True,
+                             metadata=adapter.metadata)
         blocks = report.blocks_touched()
         parts = {part: {"matched": m, "modules": n} for part, (m, n) in report.counts.items()}
         module_blocks = {name: t.block or "other" for name, t in report.targets.items()}
+        module_blocks.update({name: ts[0].block or "other" for name, ts in report.pieces.items()})
+        pieces, split = len(report.pieces), len(report.split_qkv)
     modules = adapter.modules.values()
     return AdapterSummary(
         name=os.path.basename(adapter.name),
@@ -115,12 +133,28 @@ def _describe(adapter: Adapter) -> AdapterSummary:
         parts=parts,
         blocks=blocks,
         module_blocks=module_blocks,
+        family=family,
+        variant=variant,
+        variants=variants,
+        row_pieces=pieces,
+        split_qkv=split,
         trigger_words=trigger_words(adapter.metadata, path),
         unknown_keys=len(adapter.unknown_reasons),
         metadata={k: _short(v) for k, v in sorted(adapter.metadata.items()) if k in HEADLINE_METADATA},
         metadata_fields=len(adapter.metadata),
         has_preview=preview_image(path) is not None,
     )
+
+
+def architecture_text(s: AdapterSummary) -> str:
+    """The architecture as one phrase: 'sdxl', 'flux, variant flux-dev', 'wan (fits wan-t2v-14b, ...)'."""
+    if s.family is None or s.family == s.architecture and not s.variants:
+        return s.architecture
+    if s.variant:
+        return f"{s.family}, variant {s.variant}"
+    if s.variants:
+        return f"{s.family} (variant not pinned by the modules; fits {', '.join(s.variants)})"
+    return s.family
 
 
 def _counter_line(counts: dict[str, int]) -> str:
@@ -138,10 +172,13 @@ def summary_lines(adapter: Adapter, all_metadata: bool = False, *, unknown_limit
         f"ranks: {_counter_line(s.ranks)}",
         f"alpha: {_counter_line(s.alpha)}" + (f" (from {s.alpha_source})" if s.alpha_source else ""),
         f"base model (metadata): {s.base_model or 'not stated'}",
-        f"architecture (from module names and shapes): {s.architecture}",
+        f"architecture (from module names and shapes): {architecture_text(s)}",
     ]
     if s.parts:
         lines.append("parts: " + ", ".join(f"{p} {v['matched']}/{v['modules']}" for p, v in s.parts.items()))
+    if s.row_pieces or s.split_qkv:
+        lines.append(f"fused/split layers: {s.row_pieces} modules by row pieces, "
+                     f"{s.split_qkv} kohya split_qkv at trained scale")
     if s.blocks:
         lines.append("blocks: " + ", ".join(s.blocks))
     shown = {k: v for k, v in adapter.metadata.items() if all_metadata or k in HEADLINE_METADATA}

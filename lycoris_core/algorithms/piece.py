@@ -87,6 +87,11 @@ class RowPiece:
     def delta(self, weight=None, device=None):
         return self.check_finite(self.raw_delta(weight, device))
 
+    def low_rank_factors(self):
+        """The module's (U, V) with U cut to this piece's rows (None when the module has none)."""
+        factors = self.module.low_rank_factors()
+        return None if factors is None else (self._rows(factors[0]), factors[1])
+
     def bias_delta(self, device=None):
         bias = self.module.bias_delta(device)
         return None if bias is None else self._rows(bias)

@@ -80,16 +80,19 @@ class PatchPlan:
 
 
 def contribution_strength(spec: AdapterSpec, target: Target, weights: dict[str, float] | None) -> float:
-    """UNet strength x block weight, or CLIP strength x BASE weight; modules outside blocks take plain strength.
+    """UNet strength x block weight, or CLIP strength x the text encoder's weight; modules outside
+    blocks take plain strength.
 
-    The UNet (diffusion-model) strength applies to every non-text part, the CLIP strength to every text encoder.
+    The UNet (diffusion-model) strength applies to every non-text part, the CLIP strength to every
+    text encoder. An SD text encoder's weight is BASE; a DiT's is its own slot (CLIP, T5, ...),
+    whose block ID on the target is the part name (clip_l, t5xxl, ...).
     """
     if not is_text_part(target.part):
         if weights is None or target.block is None:
             return spec.strength_unet
         return spec.strength_unet * weights.get(target.block, 0.0)
-    base_weight = 1.0 if weights is None else weights.get("BASE", 0.0)
-    return spec.strength_clip * base_weight
+    text_weight = 1.0 if weights is None else weights.get(target.block or "BASE", weights.get("BASE", 0.0))
+    return spec.strength_clip * text_weight
 
 
 def build_plan(specs: Sequence[AdapterSpec], shapes: Mapping[str, tuple[int, ...]],
@@ -104,7 +107,7 @@ def build_plan(specs: Sequence[AdapterSpec], shapes: Mapping[str, tuple[int, ...
     for spec in specs:
         try:
             report = map_adapter(spec.adapter.modules, shapes, allow_partial=allow_partial)
-            weights = spec.blocks.resolve(report.model_arch) if spec.blocks is not None else None
+            weights = spec.blocks.resolve(report.model) if spec.blocks is not None else None
         except (ArchitectureMismatchError, BlockWeightError) as exc:
             raise type(exc)(f"{spec.adapter.name}: {exc}") from exc
         plan.reports.append(report)

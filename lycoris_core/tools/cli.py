@@ -24,8 +24,9 @@ from .merge import convert_adapter, merge_adapters, resize_adapter
 
 ADAPTER_HELP = ("adapter file, optionally with strengths: PATH@UNET[,CLIP] (e.g. a.safetensors@0.8,1); "
                 "repeat for several")
-BLOCKS_HELP = ("block weights for the adapters in order (preset, 17/26/12/20-value vector, or named "
-               "form like 'IN=0,OUT=1'); repeat once per adapter, '-' for none")
+BLOCKS_HELP = ("block weights for the adapters in order (preset, 17/26/12/20-value SD vector, one value per slot "
+               "of a DiT's table such as Flux's 61, or a named form like 'IN=0,OUT=1' or 'double=0.5,t5=0'); "
+               "repeat once per adapter, '-' for none")
 
 
 def _inspect(args) -> int:
@@ -163,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace demo files that already exist")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("bake", help="bake adapters into a single-file checkpoint (streamed, tensor by tensor)",
-                       description="Write CHECKPOINT with the adapters applied to a new .safetensors file. "
-                                   "Reads and writes one tensor at a time; the recipe goes in the metadata.")
-    p.add_argument("checkpoint", help="single-file .safetensors checkpoint (SD1/SD2/SDXL)")
+    p = sub.add_parser("bake", help="bake adapters into a checkpoint or diffusion-model file (streamed)",
+                       description="Write CHECKPOINT with the adapters applied to a new .safetensors file with the "
+                                   "same keys. Reads and writes one tensor at a time; the recipe goes in the metadata.")
+    p.add_argument("checkpoint", help="an SD1/SD2/SDXL single-file checkpoint, or a DiT (Flux, SD3.5, Wan, ...) "
+                                      "diffusion-model-only file (as UNETLoader reads it) or single-file checkpoint")
     p.add_argument("-a", "--adapter", action="append", required=True, help=ADAPTER_HELP)
     p.add_argument("--blocks", action="append", help=BLOCKS_HELP)
     p.add_argument("--dtype", choices=("keep", "fp16", "bf16", "fp32"), default="keep",
@@ -196,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         _write_options(p)
         p.set_defaults(run=lambda args, _tool=tool: _convert(args, _tool))
 
-    p = sub.add_parser("extract", help="extract a LoCon adapter from two checkpoints (tuned - base)",
-                       description="Factor tuned − base per UNet/text-encoder layer by truncated SVD; "
+    p = sub.add_parser("extract", help="extract a LoCon adapter from two model files (tuned - base)",
+                       description="Factor tuned − base per diffusion-model/text-encoder layer by truncated SVD; "
                                    "both files are read tensor by tensor.")
-    p.add_argument("base", help="base single-file checkpoint")
-    p.add_argument("tuned", help="fine-tuned single-file checkpoint of the same architecture")
+    p.add_argument("base", help="base model: an SD single-file checkpoint, or a DiT diffusion-model file or checkpoint")
+    p.add_argument("tuned", help="fine-tuned model of the same architecture (either key layout)")
     _rank_options(p, save_default="fp16")
     p.add_argument("--conv-rank", type=int, help="rank for k×k convs with --mode fixed (default: --rank)")
     p.add_argument("--conv-param", type=float, help="mode parameter for k×k convs (default: --param)")

@@ -1,10 +1,13 @@
-"""Extract a LoCon adapter from two checkpoints: ΔW = tuned − base, factored per module.
+"""Extract a LoCon adapter from two model files: ΔW = tuned − base, factored per module.
 
-Both files are read tensor by tensor (the key map says which keys hold which module,
-including OpenCLIP's fused q/k/v rows and transposed projection), so memory stays near
-two layers.  Every 2-D and conv weight of the UNet and text encoders is a candidate;
-norms, embeddings and the text projection are skipped with the reason, as are weights
-that did not change.  Names and alpha follow ``merge``: kohya names, alpha = rank.
+Both files are read tensor by tensor (the key map says which keys hold which module:
+``keymap.canonical`` - OpenCLIP's fused q/k/v rows and transposed projection, a DiT's
+diffusion-model-only file (bare keys, as UNETLoader reads it) or single-file checkpoint,
+a diffusers folder's split q/k/v), so memory stays near two layers.  Every 2-D and conv
+weight of the diffusion model and text encoders is a candidate; norms, embeddings, raw
+parameters and the text projection are skipped with the reason, as are weights that did
+not change.  Names and alpha follow ``merge``: the family's kohya names (fused DiT weights
+as ComfyUI stores them), alpha = rank.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import torch
 
 from ..errors import ArchitectureMismatchError
 from ..io.reader import SafetensorsSource
-from ..keymap import detect_model, kohya_name
-from ..keymap.spaces import space_table
+from ..keymap import detect_model
+from ..keymap.canonical import canonical_weights, stored_in
 from .common import (
     SAVE_DTYPES,
     MergeError,
@@ -30,67 +33,58 @@ from .common import (
     file_identity,
     skip_row,
 )
-from .merge import ErrorTotals, MergeReport, factorize, record, save_lora
-
-SKIP_NAMES = {
-    "text_model.embeddings.token_embedding": "embedding (not a LoRA target)",
-    "text_model.embeddings.position_embedding": "embedding (not a LoRA target)",
-    "text_projection": "text projection (not a LoRA target in kohya naming)",
-}
+from .merge import ErrorTotals, MergeReport, factorize, read_weight, record, save_lora
 
 
-def _slot_tensor(reader, slot, cache: dict) -> torch.Tensor:
-    key = slot.weight_key
-    if key not in cache:
-        cache.clear()  # keep only the last fused tensor (q, k and v come in a row)
-        cache[key] = reader[key]
-    w = cache[key]
-    if slot.rows is not None:
-        w = w[slot.rows[0]:slot.rows[0] + slot.rows[1]]
-    if slot.transposed:
-        w = w.T
-    return w.to(torch.float32)
+def _same_model(a, b) -> bool:
+    return (a.family, a.config, a.arch if a.family is None else None) == (b.family, b.config,
+                                                                          b.arch if b.family is None else None)
 
 
-def _pairs(src_a, src_b, parts, report: MergeReport) -> list[tuple]:
-    """(kohya name, base slot, tuned slot) of every extractable weight; the rest become report rows."""
+def _pairs(src_a, src_b, parts, report: MergeReport) -> tuple[list[tuple], object, object]:
+    """(kohya name, canonical weight) of every extractable weight, and both layouts; the rest become rows."""
     shapes_a = {k: src_a.shape(k) for k in src_a}
     shapes_b = {k: src_b.shape(k) for k in src_b}
     layout_a, layout_b = detect_model(shapes_a), detect_model(shapes_b)
     if layout_a.arch == "unknown" or layout_b.arch == "unknown":
-        raise ArchitectureMismatchError("both checkpoints must be SD1, SD2 or SDXL single files")
-    if layout_a.arch != layout_b.arch:
+        raise ArchitectureMismatchError("both files must be models the key map knows: SD1/SD2/SDXL single files, "
+                                        "or DiT diffusion-model files or checkpoints")
+    if not _same_model(layout_a, layout_b):
         raise ArchitectureMismatchError(f"base is {layout_a.describe()} but tuned is {layout_b.describe()}")
-    arch = layout_a.arch
-    table_a, table_b = space_table(arch, layout_a.space), space_table(arch, layout_b.space)
     report.match_lines.append(f"base: {layout_a.describe()}; tuned: {layout_b.describe()}")
     todo = []
-    for (part, canonical), slot in table_a.slots.items():
-        if part not in parts or part not in layout_a.parts or part not in layout_b.parts:
+    norms = 0
+    for weight in canonical_weights(layout_a).values():
+        if (parts is not None and weight.part not in parts) or weight.part not in layout_a.parts \
+                or weight.part not in layout_b.parts:
             continue
-        name = kohya_name(arch, part, canonical)
-        if len(slot.shape) < 2:
-            continue  # norms: silently outside LoRA, counted once below
-        if canonical in SKIP_NAMES:
-            report.rows.append(skip_row(name, SKIP_NAMES[canonical]))
+        if len(weight.shape) < 2:
+            norms += 1  # norms: silently outside LoRA, counted once below
             continue
-        other = table_b.slots.get((part, canonical))
-        if other is None or other.weight_key not in shapes_b or slot.weight_key not in shapes_a:
-            report.rows.append(skip_row(name, "missing from one checkpoint"))
+        if weight.skip:
+            report.rows.append(skip_row(weight.name, weight.skip))
             continue
-        todo.append((name, slot, other))
-    norms = sum(1 for (p, _c), s in table_a.slots.items() if p in parts and len(s.shape) < 2)
+        found_a, found_b = stored_in(layout_a, weight), stored_in(layout_b, weight)
+        if found_a is None or found_b is None or any(p.key not in shapes_a for p in found_a[0]) \
+                or any(p.key not in shapes_b for p in found_b[0]):
+            report.rows.append(skip_row(weight.name, "missing from one checkpoint"))
+            continue
+        todo.append((weight.name, weight))
     if norms:
         report.match_lines.append(f"{norms} norm weights are not extracted (LoRA covers matrices and convs)")
-    return todo
+    return todo, layout_a, layout_b
 
 
 def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: str = "fixed",
                     rank_param: float = 16, conv_rank_param: float | None = None, conv_tucker: bool = False,
-                    svd: str = "auto", parts: tuple[str, ...] = ("unet", "te1", "te2"), min_diff: float = 0.0,
+                    svd: str = "auto", parts: tuple[str, ...] | None = None, min_diff: float = 0.0,
                     dry_run: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
                     save_dtype: str = "fp16") -> MergeReport:
-    """LoCon of ``tuned − base`` (see the module docstring); ``conv_rank_param`` for k×k convs."""
+    """LoCon of ``tuned − base`` (see the module docstring); ``conv_rank_param`` for k×k convs.
+
+    ``parts`` limits the parts extracted (unet, te1, te2; diffusion_model, clip_l, t5xxl, ...);
+    None: every part both files hold.
+    """
     started = time.perf_counter()
     check_rank(rank_mode, [rank_param, conv_rank_param], save_dtype, svd)
     check_files(base, tuned)
@@ -98,7 +92,7 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
 
     src_a, src_b = SafetensorsSource(base), SafetensorsSource(tuned)
     report = MergeReport(dry_run=dry_run, title="extract")
-    todo = _pairs(src_a, src_b, parts, report)
+    todo, layout_a, layout_b = _pairs(src_a, src_b, parts, report)
 
     totals = ErrorTotals()
     tensors: dict[str, torch.Tensor] = {}
@@ -106,9 +100,9 @@ def extract_adapter(base: str, tuned: str, out_path: str | None, *, rank_mode: s
     cache_b: dict = {}
     bar = Progress(len(todo), "extract", progress, unit="module")
     try:
-        for name, slot, other in todo:
-            shape = tuple(slot.shape)
-            delta = _slot_tensor(src_b, other, cache_b) - _slot_tensor(src_a, slot, cache_a)
+        for name, weight in todo:
+            shape = tuple(weight.shape)
+            delta = read_weight(src_b, layout_b, weight, cache_b) - read_weight(src_a, layout_a, weight, cache_a)
             peak = float(delta.abs().max()) if delta.numel() else 0.0
             if peak <= min_diff:
                 report.rows.append(skip_row(name, "unchanged" if peak == 0 else f"max |ΔW| {peak:.2e} <= min_diff"))

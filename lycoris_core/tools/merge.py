@@ -4,9 +4,17 @@ For every model weight the inputs touch, the exact strength-scaled sum Σ sᵢ·
 rebuilt in float32 (so a strength is applied once, never squared), then factored at
 the requested rank (``lycoris_core.svd``).  Modules that name the same layer in
 different ways are aligned through the key map: every adapter is mapped onto the
-ComfyUI key space of its architecture and the deltas are summed per weight key.
-Output modules use kohya names (``lora_unet_…``, ``lora_te_…``/``lora_te1_``/``lora_te2_``)
+ComfyUI key space of its architecture (``keymap.canonical``) and the deltas are summed
+per weight key.  Output modules use the family's kohya names (``lora_unet_…``,
+``lora_te_…``/``lora_te1_``/``lora_te2_``; for a DiT ``lora_unet_<ComfyUI name>`` and
+``lora_te1_``/``lora_te2_``/``text_encoders.<part>.transformer.…`` for its text encoders)
 and store ``alpha = rank`` (scale 1), so the factors carry the whole delta.
+
+A DiT output module is ComfyUI's *fused* weight, as kohya names it (``img_attn.qkv``,
+``single_blocks.N.linear1``, SD3 ``attn.qkv``): split-trained modules (diffusers ``to_q``,
+``to_k``, ``to_v``, ``proj_mlp``) are summed into their rows of it, zero elsewhere, and the
+whole fused delta is factored, so one rank covers all its rows (a rank-r to_q/to_k/to_v
+triple needs rank 3r to be kept exactly; ``--mode energy`` picks it).
 
 ``convert`` (one adapter, e.g. LoHa/LoKr → LoRA) and ``resize`` (shrink a rank) are
 merges of a single input.  Algorithms whose delta depends on the base weight (IA³,
@@ -25,11 +33,14 @@ import torch
 
 from .. import __version__
 from ..adapter import load_adapter
+from ..algorithms.piece import RowPiece
 from ..errors import ArchitectureMismatchError, WeightRangeError
 from ..io.reader import SafetensorsSource
 from ..io.writer import save_tensors
-from ..keymap import detect_adapter, detect_model, kohya_name, state_shapes
-from ..keymap.spaces import space_table
+from ..keymap import detect_model
+from ..keymap.canonical import CanonicalWeight, canonical_weights, comfy_layout, comfy_shapes, stored_in
+from ..keymap.detect import identify_adapter
+from ..keymap.layout import ModelLayout
 from ..numerics.checks import is_finite
 from ..patch import AdapterSpec, accumulate, build_plan
 from .common import (
@@ -137,23 +148,40 @@ def load_inputs(inputs: list[MergeInput]):
     return [load_adapter(i.path) for i in inputs]
 
 
-def model_arch(adapters, base_shapes=None) -> str:
+def merge_model(adapters, base_shapes=None) -> ModelLayout | None:
+    """The model a merge sums on: the base checkpoint's, or the adapters' architecture (None: unknown).
+
+    Adapters of one DiT family agree when at most one published variant is named among them
+    (a Flux LoRA that could be dev or schnell goes with a flux-dev one).
+    """
     if base_shapes is not None:
         layout = detect_model(base_shapes)
         if layout.arch == "unknown":
-            raise ArchitectureMismatchError("the base checkpoint is not a known SD1/SD2/SDXL layout")
-        return layout.arch
-    archs = {a.name: detect_adapter(a.modules) for a in adapters}
-    known = {v for v in archs.values() if v != "unknown"}
+            raise ArchitectureMismatchError("the base checkpoint is not a model the key map knows "
+                                            "(SD1/SD2/SDXL, or a DiT diffusion model or checkpoint)")
+        return layout
+    found = {a.name: identify_adapter(a.modules, metadata=a.metadata) for a in adapters}
+    known = {name: (arch, guess) for name, (arch, guess) in found.items() if arch != "unknown"}
     if not known:
-        return "unknown"  # merged by module name, as the files spell them
-    if len(known) > 1:
+        return None  # merged by module name, as the files spell them
+    families = {(guess.family if guess is not None and arch == guess.name else arch) for arch, guess in known.values()}
+    named = {arch for arch, guess in known.values()
+             if guess is None or arch != guess.name or arch in _published(guess.family)}
+    if len(families) > 1 or len(named) > 1:
         raise ArchitectureMismatchError(
-            "adapters are for different architectures: " + ", ".join(f"{k}: {v}" for k, v in archs.items()))
-    return known.pop()
+            "adapters are for different architectures: "
+            + ", ".join(f"{os.path.basename(k)}: {v[0]}" for k, v in found.items()))
+    arch = named.pop() if named else next(iter(known.values()))[0]
+    return comfy_layout(arch)
 
 
-def gather(adapters, inputs: list[MergeInput], arch: str, shapes, rows: list[dict],
+def _published(family: str) -> tuple[str, ...]:
+    from ..keymap import FAMILIES
+
+    return tuple(FAMILIES[family].variants)
+
+
+def gather(adapters, inputs: list[MergeInput], shapes, rows: list[dict],
            match_lines: list[str]) -> dict[str, list[Summand]]:
     """weight key -> contributions, mapping every adapter onto ``shapes`` with the patch engine's
     rules (``patch.build_plan``: UNet strength x block weight, CLIP strength x BASE weight)."""
@@ -168,8 +196,9 @@ def gather(adapters, inputs: list[MergeInput], arch: str, shapes, rows: list[dic
     groups: dict[str, list[Summand]] = {}
     for key, contribs in plan.contributions.items():
         for c in contribs:
-            adapter = owner[id(c.module)]
-            name = name_of[id(c.module)]
+            whole = c.module.module if isinstance(c.module, RowPiece) else c.module  # a piece: its module's file
+            adapter = owner[id(whole)]
+            name = name_of[id(whole)]
             if c.bias:
                 rows.append(skip_row(name + " (bias)", "bias delta dropped: LoRA has no bias", adapter))
                 continue
@@ -196,7 +225,7 @@ def gather_by_name(adapters, inputs, rows, match_lines) -> dict[str, list[Summan
     groups: dict[str, list[Summand]] = {}
     for index, (adapter, spec) in enumerate(zip(adapters, inputs)):
         if spec.blocks:
-            raise MergeError("block weights need a known architecture (SD1/SD2/SDXL)")
+            raise MergeError("block weights need a known architecture (SD1/SD2/SDXL or a DiT family)")
         match_lines.append(f"{os.path.basename(spec.path)}: unknown architecture, "
                            f"{len(adapter.modules)} modules kept under their own names")
         for key, reason in adapter.unknown_reasons.items():
@@ -242,7 +271,7 @@ def summed_factors(contribs: list[Summand], shape) -> tuple[torch.Tensor, torch.
         if c.strength == 0:
             continue
         target = c.patch.target if c.patch is not None else c.target
-        if c.module.uses_weight or not c.module.linear_in_strength or getattr(target, "rows", None) is not None:
+        if c.module.uses_weight or not c.module.linear_in_strength:
             return None
         factors = c.module.low_rank_factors()
         if factors is None:
@@ -250,6 +279,13 @@ def summed_factors(contribs: list[Summand], shape) -> tuple[torch.Tensor, torch.
         u, v = factors
         if getattr(target, "transposed", False):
             u, v = v.mT, u.mT
+        rows = getattr(target, "rows", None)
+        if rows is not None:  # a slice of a fused weight: U is zero outside its rows
+            if u.shape[0] != rows[1]:
+                return None
+            full = torch.zeros((shape[0], u.shape[1]), dtype=u.dtype)
+            full[rows[0]:rows[0] + rows[1]] = u
+            u = full
         if u.shape[0] != shape[0] or v.shape[1] != math.prod(shape[1:]):
             return None
         us.append(u * float(c.strength))
@@ -311,28 +347,28 @@ def _base_reader(base: str):
 
 @dataclass
 class _Layout:
-    """Which weight keys a merge writes, in output order, and each one's (part, canonical) name."""
+    """Which weight keys a merge writes, in output order, and each one's canonical weight."""
 
     groups: dict[str, list[Summand]]
     keys: list[str]
-    slot_of: dict[str, tuple[str | None, str]]
-    base_table: object = None  # the base checkpoint's key-space table, when there is a base
+    weights: dict[str, CanonicalWeight | None]  # None: unknown architecture, the module is its own key
+    base: ModelLayout | None = None  # the base checkpoint's own layout, when there is a base
 
 
-def _layout(adapters, inputs, arch: str, base_shapes, report: MergeReport) -> _Layout:
-    if arch == "unknown":
+def _layout(adapters, inputs, model: ModelLayout | None, base_layout, report: MergeReport) -> _Layout:
+    if model is None:
         groups = gather_by_name(adapters, inputs, report.rows, report.match_lines)
-        return _Layout(groups, list(groups), {k: (None, k) for k in groups})
-    # every adapter is summed in the ComfyUI key space: one unfused, untransposed weight per module
-    comfy = space_table(arch, "comfy")
-    groups = gather(adapters, inputs, arch, state_shapes(arch, "comfy"), report.rows, report.match_lines)
-    order = {slot.weight_key: i for i, slot in enumerate(comfy.slots.values())}
-    base_table = space_table(arch, detect_model(base_shapes).space) if base_shapes is not None else None
+        return _Layout(groups, list(groups), dict.fromkeys(groups))
+    # every adapter is summed in the ComfyUI key space: one weight per module (fused where ComfyUI fuses)
+    weights = canonical_weights(model)
+    groups = gather(adapters, inputs, comfy_shapes(model), report.rows, report.match_lines)
+    order = {key: i for i, key in enumerate(weights)}
     return _Layout(groups, sorted(groups, key=lambda k: order.get(k, 1 << 30)),
-                   {slot.weight_key: name for name, slot in comfy.slots.items()}, base_table)
+                   {k: weights.get(k) for k in groups}, base_layout)
 
 
-def _usable(summands: list[Summand], shape, adapters, has_base: bool, rows: list[dict]) -> list[Summand]:
+def _usable(summands: list[Summand], weight: CanonicalWeight | None, shape, adapters, has_base: bool,
+            rows: list[dict]) -> list[Summand]:
     """The summands a LoRA can carry; the others become report rows with the reason."""
     usable = []
     for c in summands:
@@ -342,6 +378,8 @@ def _usable(summands: list[Summand], shape, adapters, has_base: bool, rows: list
         elif len(shape) < 2:
             rows.append(skip_row(c.module_name, f"{c.module.describe()} on a 1-D weight (norm) cannot be a LoRA",
                                  adapter))
+        elif weight is not None and weight.skip and weight.skip.startswith("raw"):
+            rows.append(skip_row(c.module_name, f"{c.module.describe()} on a {weight.skip}", adapter))
         else:
             if c.module.has_bias and c.patch is None:
                 rows.append(skip_row(c.module_name + " (bias)", "bias delta dropped: LoRA has no bias", adapter))
@@ -362,22 +400,23 @@ def merge_adapters(inputs: list[MergeInput], out_path: str | None, *, rank_mode:
     adapters = load_inputs(inputs)
     base_src = _base_reader(base) if base else None
     base_shapes = {k: base_src.shape(k) for k in base_src} if base_src else None
-    arch = model_arch(adapters, base_shapes)
+    model = merge_model(adapters, base_shapes)
     report = MergeReport(dry_run=dry_run, title=title)
-    layout = _layout(adapters, inputs, arch, base_shapes, report)
+    layout = _layout(adapters, inputs, None if model is None else comfy_layout(model),
+                     model if base_shapes is not None else None, report)
     totals = ErrorTotals()
     tensors: dict[str, torch.Tensor] = {}
     bar = Progress(len(layout.keys), f"{title}: factoring", progress, unit="module")
     try:
         for key in layout.keys:
-            part, canonical = layout.slot_of[key]
-            out_name = canonical if part is None else kohya_name(arch, part, canonical)
-            shape = tuple(layout.groups[key][0].target.shape)
-            usable = _usable(layout.groups[key], shape, adapters, base_src is not None, report.rows)
+            canonical = layout.weights[key]
+            out_name = key if canonical is None else canonical.name
+            shape = tuple(layout.groups[key][0].target.shape) if canonical is None else canonical.shape
+            usable = _usable(layout.groups[key], canonical, shape, adapters, base_src is not None, report.rows)
             if usable:
                 weight = None
                 if base_src is not None and any(c.module.uses_weight for c in usable):
-                    weight = _base_weight(base_src, layout.base_table, part, canonical)
+                    weight = read_weight(base_src, layout.base, canonical)
                 row = _merge_one(usable, weight, shape, out_name, rank_mode, rank_param, conv_tucker, svd,
                                  save_dtype, report, totals, tensors, dry_run)
                 if row is not None:
@@ -431,17 +470,37 @@ def save_lora(report: MergeReport, tensors: dict[str, torch.Tensor], out_path: s
     report.size_bytes = os.path.getsize(written)
 
 
-def _base_weight(source, table, part: str, canonical: str) -> torch.Tensor:
-    slot = table.slots.get((part, canonical))
-    if slot is None or slot.weight_key not in source:
-        raise MergeError(f"base checkpoint has no weight for {part} {canonical}")
-    w = source[slot.weight_key]
-    if slot.rows is not None:
-        start, length = slot.rows
-        w = w[start:start + length]
-    if slot.transposed:
-        w = w.T
-    return w.to(torch.float32).contiguous()
+def read_weight(source, model: ModelLayout, weight: CanonicalWeight, cache: dict | None = None) -> torch.Tensor:
+    """One canonical weight, float32, read from a file in ``model``'s key space: a whole tensor, a row
+    slice of a fused one, a transposed one, or assembled from several (a diffusers folder's q/k/v).
+
+    ``cache`` keeps the last fused tensor read (q, k and v of one fused weight come in a row).
+    """
+    found = stored_in(model, weight)
+    if found is None or any(p.key not in source for p in found[0]):
+        raise MergeError(f"{model.describe()} has no weight for {weight.part} {weight.local}")
+    pieces, transposed = found
+
+    def tensor(key):
+        if cache is None:
+            return source[key]
+        if key not in cache:
+            cache.clear()
+            cache[key] = source[key]
+        return cache[key]
+
+    if len(pieces) == 1 and pieces[0].start == 0:
+        p = pieces[0]
+        w = tensor(p.key)
+        if transposed:
+            w = w.T
+        elif p.key_start or p.rows != w.shape[0]:
+            w = w[p.key_start:p.key_start + p.rows]
+        return w.to(torch.float32).contiguous()
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for p in pieces:
+        out[p.start:p.start + p.rows].copy_(tensor(p.key)[p.key_start:p.key_start + p.rows])
+    return out
 
 
 def convert_adapter(path: str, out_path: str | None, **kwargs) -> MergeReport:

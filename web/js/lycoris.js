@@ -84,6 +84,15 @@ function copyButton(label, text) {
   return button;
 }
 
+// the same phrase as lycoris_core.adapter.describe.architecture_text
+function architectureText(info) {
+  const variants = info.variants || [];
+  if (!info.family || (info.family === info.architecture && !variants.length)) return info.architecture;
+  if (info.variant) return `${info.family}, variant ${info.variant}`;
+  if (variants.length) return `${info.family} (fits ${variants.join(", ")})`;
+  return info.family;
+}
+
 function render(panel, name, info, widgetName) {
   panel.replaceChildren();
   if (!name || name === "None") {
@@ -101,7 +110,7 @@ function render(panel, name, info, widgetName) {
     row("rank", counts(info.ranks)),
     row("alpha", counts(info.alpha)),
     row("base model", info.base_model || "not stated"),
-    row("architecture", info.architecture),
+    row("architecture", architectureText(info)),
   );
   const words = info.trigger_words || [];
   const wordBox = el("div", "words");

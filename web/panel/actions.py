@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from lycoris_core import load_adapter
-from lycoris_core.adapter.describe import block_norms, describe, module_rows
+from lycoris_core.adapter.describe import architecture_text, block_norms, describe, module_rows
 from lycoris_core.adapter.metadata import preview_image
 from lycoris_core.io.reader import read_safetensors_header
 from lycoris_core.keymap import detect_model, map_adapter
@@ -90,8 +90,9 @@ def _preview(folders: Folders, path: Path, adapter, progress) -> Preview:
         "| field | value |",
         "|---|---|",
         f"| file | `{_md_escape(path.relative_to(folders.loras.resolve()).as_posix())}` ({human_size(path.stat().st_size)}) |",
-        f"| architecture | **{facts.architecture}** (detected from module names and shapes)"
+        f"| architecture | **{_md_escape(architecture_text(facts))}** (detected from module names and shapes)"
         + (f"; header says `{_md_escape(facts.base_model)}`" if facts.base_model else "") + " |",
+        f"| parts | {_parts(facts.parts)} |",
         f"| modules | {facts.modules} ({_counted(facts.algorithms)}) |",
         f"| ranks | {_counted(facts.ranks)} |",
         f"| parameters | {params:,} of {dense:,} dense ({params / dense:.2%}) |" if dense else f"| parameters | {params:,} |",
@@ -116,6 +117,11 @@ def _preview(folders: Folders, path: Path, adapter, progress) -> Preview:
     if image is not None and not _inside_folder(image, folders.loras):
         image = None
     return Preview("\n".join(lines), triggers, meta_df, pd.DataFrame(module_rows(adapter)), block_df, image, order)
+
+
+def _parts(parts: dict) -> str:
+    """Matched modules per model part: 'diffusion_model 494/494, t5xxl 72/72'."""
+    return ", ".join(f"{p} {v['matched']}/{v['modules']}" for p, v in parts.items()) or "–"
 
 
 def _counted(counts: dict) -> str:

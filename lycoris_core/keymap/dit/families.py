@@ -63,14 +63,22 @@ class Family:
     read: Callable[[KeyView], object]
     read_diffusers: Callable[[KeyView], object]
 
-    def variant_name(self, cfg) -> str:
-        """The published variant this config is, with its depth when reduced."""
+    def standard_of(self, cfg) -> tuple[str, object] | None:
+        """(name, full-size config) of the published variant `cfg` is at some depth, or None."""
         for name, standard in self.variants.items():
             if _without_depth(standard) == _without_depth(cfg):
-                if standard.blocks == cfg.blocks:
-                    return name
-                return f"{name} [{'+'.join(map(str, cfg.blocks))} blocks]"
-        return f"{self.name} (custom)"
+                return name, standard
+        return None
+
+    def variant_name(self, cfg) -> str:
+        """The published variant this config is, with its depth when reduced."""
+        found = self.standard_of(cfg)
+        if found is None:
+            return f"{self.name} (custom)"
+        name, standard = found
+        if standard.blocks == cfg.blocks:
+            return name
+        return f"{name} [{'+'.join(map(str, cfg.blocks))} blocks]"
 
     def at_depth(self, cfg, like) -> object:
         """`cfg` with the block counts of `like` (a variant of the model's own depth)."""
