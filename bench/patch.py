@@ -1,7 +1,8 @@
 """Patch-engine benchmark: first patch, strength-only change, restore and peak memory.
 
-Every case is measured against a reference run in the same process that does what
-ComfyUI does per key: cast the weight to float32, compute the delta, add
+Every case is measured against a reference run in the same process, a stand-in written
+here for what ComfyUI does per key (``bench/real_comfyui.py`` measures against ComfyUI's
+own code when a checkout is present): cast the weight to float32, compute the delta, add
 strength x delta, cast back; one key at a time, no caching, originals kept as backups.
 
     python bench/patch.py                      # SD1.5 all algorithms + SDXL LoRA/LoKr, budget sweep
@@ -257,8 +258,10 @@ def fmt_table(rows, arch, device):
     memory = "peak RSS above weights | bound: budget + 2 largest layers" if host else \
         "peak device memory above weights | bound: largest layer (fp32) + factors | host RSS above start"
     lines = [
-        f"**{arch} on {device.type}** (seconds; × = reference / ours; the reference keeps no cache, so its "
-        "strength change is the same full re-patch)",
+        f"**{arch} on {device.type}, against the in-process stand-in** (seconds; × = stand-in reference / ours; "
+        "the reference is this repo's imitation of ComfyUI's per-key arithmetic, not ComfyUI itself — "
+        "`bench/real_comfyui.py` measures the real one; it keeps no cache, so its strength change is the "
+        "same full re-patch)",
         "",
         f"| adapter | keys | reference patch | our first patch | × | our strength change | × | our restore "
         f"| cache used / budget | {memory} |",

@@ -24,7 +24,6 @@ from lycoris_core.adapter.metadata import trigger_words
 from lycoris_core.errors import BlockWeightError, LycorisError
 from lycoris_core.memory import budget_from_env
 from lycoris_core.patch import (
-    DEFAULT_CACHE_BYTES,
     AdapterSpec,
     Contribution,
     DeltaCache,
@@ -38,9 +37,15 @@ log = logging.getLogger("comfyui-lycoris")
 NONE = "None"
 LORA_FOLDER = "loras"
 
-# One of each per process: every node shares loaded files and strength-1 deltas.
+# One of each per process: every node shares loaded files and (when asked for) strength-1 deltas.
 ADAPTERS = AdapterCache(budget_from_env("LYCORIS_ADAPTER_CACHE_MB", DEFAULT_ADAPTER_CACHE_BYTES))
-DELTAS = DeltaCache(budget_from_env("LYCORIS_CACHE_MB", DEFAULT_CACHE_BYTES),
+# No deltas are kept by default, on any device.  Measured in a real ComfyUI (bench/real_comfyui.py,
+# docs/benchmarks.md "Real ComfyUI"): every ComfyUI patch already pays its own float32 copy of
+# each weight and the unpatch, so a kept delta saves at most the product (~0.5 s for a whole SD1.5
+# LoRA), while filling the cache costs 2-5 s of page faults and gigabytes beside the model.
+# ``LYCORIS_CACHE_MB`` opts in (the standalone WeightPatcher, with no such floor, keeps them).
+NODE_CACHE_BYTES = 0
+DELTAS = DeltaCache(budget_from_env("LYCORIS_CACHE_MB", NODE_CACHE_BYTES),
                     budget_from_env("LYCORIS_DEVICE_CACHE_MB", 0))
 
 

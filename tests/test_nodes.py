@@ -19,7 +19,7 @@ from comfy.weight_adapter import WeightAdapterBase  # noqa: E402
 
 from lycoris_core import load_adapter  # noqa: E402
 from lycoris_core.errors import ArchitectureMismatchError, BlockWeightError  # noqa: E402
-from lycoris_core.patch import AdapterSpec, accumulate, build_plan  # noqa: E402
+from lycoris_core.patch import AdapterSpec, DeltaCache, accumulate, build_plan  # noqa: E402
 from nodes import glue  # noqa: E402
 from nodes.loaders import (  # noqa: E402
     NODE_CLASS_MAPPINGS,
@@ -150,7 +150,25 @@ def test_stack_sums_once_per_key(loras, model, clip):
     assert_restored(clip.cond_stage_model, snap_c)
 
 
-def test_strength_change_reuses_file_and_deltas(loras, model):
+def test_nodes_keep_no_deltas_by_default(loras, model):
+    """Measured in a real ComfyUI, kept deltas cost more than they save there (docs/benchmarks.md)."""
+    assert "LYCORIS_CACHE_MB" in os.environ or glue.DELTAS.budget == 0
+    snap = snapshot(model.model)
+    loader = LycorisLoaderModelOnly()
+    first, _ = run(lambda: loader.apply(model, "demo_loha.safetensors", 1.0))["result"]
+    run(lambda: comfy.model_management.load_models_gpu([first]))
+    loads = glue.ADAPTERS.misses
+    second, _ = run(lambda: loader.apply(model, "demo_loha.safetensors", 0.25))["result"]
+    run(lambda: comfy.model_management.load_models_gpu([second]))
+    assert glue.ADAPTERS.misses == loads  # the file is not read again
+    assert glue.DELTAS.used == 0
+    check_patched(second, expected_plan(loras, [("demo_loha.safetensors", 0.25, 0.0, "")]), snap, "diffusion_model.")
+    run(lambda: second.unpatch_model())
+    assert_restored(model.model, snap)
+
+
+def test_strength_change_reuses_file_and_deltas(loras, model, monkeypatch):
+    monkeypatch.setattr(glue, "DELTAS", DeltaCache(1 << 30))  # LYCORIS_CACHE_MB=1024
     snap = snapshot(model.model)
     loader = LycorisLoaderModelOnly()
     first, _ = run(lambda: loader.apply(model, "demo_loha.safetensors", 1.0))["result"]

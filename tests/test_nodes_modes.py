@@ -26,7 +26,7 @@ import comfy.model_management  # noqa: E402
 from comfy.model_patcher import LowVramPatch  # noqa: E402
 
 from lycoris_core import load_adapter  # noqa: E402
-from lycoris_core.patch import AdapterSpec, build_plan, patched_value  # noqa: E402
+from lycoris_core.patch import AdapterSpec, DeltaCache, build_plan, patched_value  # noqa: E402
 from nodes import glue  # noqa: E402
 from nodes.loaders import LycorisLoaderModelOnly  # noqa: E402
 
@@ -131,7 +131,8 @@ def test_a_weight_dependent_patch_after_an_upstream_patch_sees_its_current_stren
     assert not torch.equal(results[0], results[1])
 
 
-def test_caches_are_released_when_comfyui_unloads_models(loras, real_keys):
+def test_caches_are_released_when_comfyui_unloads_models(loras, real_keys, monkeypatch):
+    monkeypatch.setattr(glue, "DELTAS", DeltaCache(1 << 30))  # LYCORIS_CACHE_MB=1024
     model = env.make_model(real_keys)
     new_model = patches_of(model, "demo_loha.safetensors", 1.0)
     run(lambda: comfy.model_management.load_models_gpu([new_model]))

@@ -4,8 +4,11 @@ A strength change re-adds the same strength-1 deltas at new strengths, so keepin
 turns a rebuild into one pass per weight.  Whether that pays depends on the device:
 
 * **CPU weights**: a rank-32 rebuild costs ~64 FLOP per element against 4 bytes read
-  back from RAM, so keeping deltas wins (see docs/benchmarks.md).  The budget is
-  ``LYCORIS_CACHE_MB`` (default ``DEFAULT_CACHE_BYTES``) and, whatever it says, the cache
+  back from RAM, so for a standalone patcher (``WeightPatcher``: the panel's strength
+  slider) keeping deltas wins, default ``DEFAULT_CACHE_BYTES`` (see docs/benchmarks.md,
+  "Patch").  Inside ComfyUI every patch also pays ComfyUI's own float32 copy of each
+  weight, so there it does not pay back the cost of filling it, and the nodes keep none
+  unless ``LYCORIS_CACHE_MB`` asks ("Real ComfyUI").  Whatever the budget, the cache
   never takes memory below the system's reserve (``lycoris_core.memory``): it gives back
   entries of earlier passes first, and keeps nothing when memory is short.
 * **Accelerator weights**: the same rebuild is microseconds of GPU time, and VRAM is the
