@@ -39,7 +39,7 @@ from safetensors.torch import save_file  # noqa: E402
 from lycoris_core.io.stream import StreamItem, StreamWriter, stream_copy  # noqa: E402
 from lycoris_core.keymap.canonical import comfy_shapes  # noqa: E402
 from lycoris_core.testing.synthetic import attention_only, default_targets, synthetic_adapter, write_checkpoint  # noqa: E402
-from lycoris_core.tools.bake import bake_checkpoint  # noqa: E402
+from lycoris_core.tools.bake import BAKE_THREADS, bake_checkpoint  # noqa: E402
 from lycoris_core.tools.merge import MergeInput, gather, load_inputs, merge_model, summed_delta, summed_factors  # noqa: E402
 from lycoris_core.tools.svd import auto_plan, truncate  # noqa: E402
 
@@ -73,6 +73,7 @@ def bench_bake(work, ckpt, adapter, rounds):
     size = ckpt.stat().st_size
     out = {"cold": {"floor": [], "bake": []}, "warm": {"floor": [], "bake": []}}
     patched = 0
+    threads = torch.get_num_threads()
     for state in ("cold", "warm"):
         for _ in range(rounds):
             for what in ("floor", "bake"):
@@ -85,10 +86,12 @@ def bench_bake(work, ckpt, adapter, rounds):
                 if what == "floor":
                     out[state][what].append(io_floor(str(ckpt), str(dst)))
                 else:
+                    torch.set_num_threads(BAKE_THREADS)  # as the CLI runs a bake (library code leaves threads alone)
                     t0 = time.perf_counter()
                     rep = bake_checkpoint(str(ckpt), [MergeInput(adapter, 0.8, 0.8)], str(dst),
                                           progress=lambda d, t, s: None)
                     out[state][what].append(time.perf_counter() - t0)
+                    torch.set_num_threads(threads)
                     patched = rep.patched
                 drop_cache(str(dst))  # do not let the last output crowd the cache for the next run
                 dst.unlink()
