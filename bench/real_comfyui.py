@@ -66,7 +66,8 @@ CASES = {
     "LoKr factor 8, full w2": ("lokr", dict(rank=8, factor=8, full_w2=True)),
     "DoRA dim32": ("dora", dict(rank=32, conv_rank=16)),
 }
-DEFAULT = ["LoRA dim8/conv4", "LoHa dim4/conv4", "LoKr dim8/conv4"]
+# the docs table: the LyCORIS-user kind, then the sizes of bench/patch.py (~10 minutes for both allocators)
+DEFAULT = ["LoRA dim8/conv4", "LoHa dim4/conv4", "LoKr dim8/conv4", "LoRA dim32/conv16", "LoHa dim16", "DoRA dim32"]
 PHASES = ("cold", "strength", "warm", "unload")
 
 
