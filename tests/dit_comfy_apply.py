@@ -18,14 +18,7 @@ import logging
 import os
 import sys
 
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+from log_lines import WarningLines  # tests/ is this script's folder, first on sys.path
 
 
 def _load_pack(project):
@@ -65,7 +58,7 @@ def main(comfy_dir, project, model_path, lora_dir):
 
     folder_paths.add_model_folder_path("loras", lora_dir)
     loaders = _load_pack(project)
-    lines = _Lines()
+    lines = WarningLines()
     logging.getLogger().addHandler(lines)
     logging.getLogger().setLevel(logging.INFO)
 

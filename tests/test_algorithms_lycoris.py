@@ -15,6 +15,7 @@ import torch
 from lycoris_factory import VARIANTS, build_network, make_adapter, patched_forward, random_input
 from safetensors import safe_open
 from safetensors.torch import load_file
+from thread_fixtures import one_thread  # noqa: F401  (autouse)
 
 from lycoris_core import AdapterFormatError, load_adapter
 
@@ -38,15 +39,6 @@ class Case:
     def items(self):
         for name, lyco in self.built.lyco.items():
             yield name, lyco, self.layers[name], self.adapter.modules[name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The layers are tiny: extra intra-op threads only spin, badly so on a busy 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lycoris_factory import make_adapter
+from thread_fixtures import one_thread  # noqa: F401  (autouse)
 from torch import nn
-from train_fixtures import one_thread  # noqa: F401  (autouse)
 
 from lycoris_core import load_adapter
 from lycoris_core.tools.cli import main

@@ -22,7 +22,7 @@ import comfy.utils  # noqa: E402
 from comfy.model_base import BaseModel  # noqa: E402
 from comfy.model_patcher import ModelPatcher  # noqa: E402
 from lycoris_factory import tiny_models  # noqa: E402
-from train_fixtures import one_thread  # noqa: E402, F401  (autouse)
+from thread_fixtures import one_thread  # noqa: E402, F401  (autouse)
 
 from lycoris_core import OutputExistsError, load_adapter  # noqa: E402
 from nodes import glue  # noqa: E402

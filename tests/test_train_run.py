@@ -17,7 +17,7 @@ import pytest
 import tomllib
 import torch
 from lycoris_factory import SD15_PRESET, tiny_models
-from train_fixtures import one_thread  # noqa: F401  (autouse)
+from thread_fixtures import one_thread  # noqa: F401  (autouse)
 
 from lycoris_core import load_adapter
 from lycoris_core.train import (

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from log_lines import WarningLines  # tests/ is this script's folder, first on sys.path
+
 SD15 = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
             use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False,
             num_res_blocks=[2] * 4, channel_mult=[1, 2, 4, 4], context_dim=768, num_heads=8,
@@ -26,13 +28,6 @@ SD15 = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, 
             adm_in_channels=None)
 
 
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def random_sd15(torch, UNetModel, ops):
@@ -89,7 +84,7 @@ def main(comfy_dir, root, work, runs):
         latents = {"samples": torch.randn(2, 4, 8, 8, generator=g)}
         positive = [[torch.randn(1, 77, 768, generator=g), {}]]
     built = time.time() - started
-    warnings = Collect()
+    warnings = WarningLines()
     logging.getLogger().addHandler(warnings)
 
     for run in runs:

@@ -1,4 +1,4 @@
-"""Fixtures the training tests share (import them into a test module to use them)."""
+"""Fixtures several test modules share (import them into a test module to use them)."""
 
 from __future__ import annotations
 
