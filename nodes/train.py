@@ -27,7 +27,7 @@ import time
 import torch
 
 from lycoris_core import load_adapter
-from lycoris_core.io.writer import check_output
+from lycoris_core.io.writer import check_output, save_tensors
 from lycoris_core.keymap import Target as WeightTarget
 from lycoris_core.keymap import detect_model
 from lycoris_core.patch import Contribution
@@ -305,11 +305,15 @@ class TrainLycoris:
 
                 def loss_of(i):
                     chosen = torch.randperm(n, generator=gen)[:batch_size]
+                    # one draw for the whole step, so caption groups get different noise
+                    noise_all = comfy.sample.prepare_noise(images[chosen.to(device)],
+                                                           (seed + i * 1000) & 0xFFFF_FFFF_FFFF_FFFF)
                     total = 0.0
                     for g in groups[chosen].unique().tolist():
-                        picked = chosen[groups[chosen] == g]
+                        in_group = groups[chosen] == g
+                        picked = chosen[in_group]
                         x0 = images[picked.to(device)]
-                        noise = comfy.sample.prepare_noise(x0, seed + i * 1000).to(device, x0.dtype)
+                        noise = noise_all[in_group.to(noise_all.device)].to(device, x0.dtype)
                         percents = torch.rand(len(picked), generator=gen).clamp_(1e-4, 1 - 1e-4)
                         sigmas = torch.tensor([sampling.percent_to_sigma(float(p)) for p in percents], device=device)
                         xt = sampling.noise_scaling(sigmas, noise, x0, False)
@@ -337,8 +341,8 @@ class TrainLycoris:
                                      optimizer=optimizer, seed=seed, batch_size=batch_size,
                                      grad_accumulation=grad_accumulation_steps, mixed_precision=training_dtype,
                                      preset=preset, started=started)
-            net.save(path, SAVE_DTYPES[save_dtype], meta, overwrite=overwrite)
-            lora = file_tensors(net, SAVE_DTYPES[save_dtype])
+            lora = file_tensors(net, SAVE_DTYPES[save_dtype])  # the file's tensors, also the LORA output
+            save_tensors(lora, path, meta, overwrite=overwrite)
         patched = apply_trained(model, path, targets)
         first, last = losses[0], sum(losses[-5:]) / len(losses[-5:])
         text = (f"{path.name}: {config.algo} on {len(net)} layers ({preset}), {steps} steps, loss {first:.4g} -> "

@@ -510,3 +510,32 @@ def test_a_layer_with_weight_functions_keeps_its_own_forward():
     x = torch.randn(2, 8)
     with net.attached():
         assert torch.allclose(lay(x), torch.zeros(2, 8) + lay.bias.float())  # ΔW starts at 0: base alone
+
+
+@pytest.mark.parametrize("algo", ["loha", "full", "lokr", "lora"])
+def test_rebuilt_algorithms_keep_the_layers_own_forward_too(algo):
+    """LoHa, full (and any non-bypass path) on a layer whose forward changes its weight: W0 is what
+    that forward uses (here ×0, as a low-VRAM patch or a scaled-fp8 scale would change it)."""
+    torch.manual_seed(0)
+    lay = CastingLinear(8, 8).requires_grad_(False)
+    lay.weight_function = [lambda w: w * 0]
+    net, m = single(lay, algo=algo, bypass=False)
+    randomise(net)
+    x = torch.randn(2, 8)
+    with net.attached():
+        y = lay(x)
+    want = F.linear(x, m.effective_delta(), lay.bias)
+    assert torch.allclose(y, want, atol=1e-6)
+
+
+def test_dora_on_a_layer_that_computes_its_own_weight_is_refused():
+    lay = CastingLinear(8, 8).requires_grad_(False)
+    lay.weight_function = [lambda w: w * 0]
+    net, _ = single(lay, algo="lora", dora=True)
+    with net.attached(), pytest.raises(ValueError, match="DoRA needs the layer's weight"):
+        lay(torch.randn(2, 8))
+
+
+def test_ia3_refuses_rank_dropout():
+    with pytest.raises(ValueError, match="rank dropout"):
+        AdapterConfig("ia3", rank_dropout=0.1)

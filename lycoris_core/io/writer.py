@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 from ..errors import LycorisError, OutputExistsError
 from .reader import read_safetensors_header
 
+#: the dtypes written files may hold, by the names the tools, the CLI and the nodes accept
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class WriteError(LycorisError, OSError):
     """The output could not be written or did not read back as written."""

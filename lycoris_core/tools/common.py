@@ -13,16 +13,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from tqdm import tqdm
 
 from ..errors import LycorisError
-from ..io.writer import check_output
+from ..io.writer import SAVE_DTYPES, check_output
 from .svd import SVD_METHODS, check_mode
 
 ProgressFn = Callable[[int, int, str], None]
 
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class MergeError(LycorisError):

@@ -11,7 +11,7 @@ full trains at scale 1.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,8 @@ class AdapterConfig:
             raise ValueError(f"DoRA applies to lora/locon, loha and lokr, not {self.algo}")
         if self.dropout and self.algo in ("ia3", "full"):
             raise ValueError(f"dropout is defined for lora/locon, loha and lokr, not {self.algo}")
+        if self.rank_dropout and self.algo == "ia3":
+            raise ValueError("rank dropout is defined for lora/locon, loha, lokr and full, not ia3")
         if self.factor_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"factor_dtype must be a float dtype, got {self.factor_dtype}")
 
@@ -80,11 +82,11 @@ class AdapterConfig:
         which kohya's un-parsed ``decompose_both`` would read as True)."""
         conv_rank = self.rank if self.conv_rank is None else self.conv_rank
         conv_alpha = self.alpha if self.conv_alpha is None else self.conv_alpha
-        args = {"algo": self.algo, "conv_dim": str(conv_rank), "conv_alpha": _num(conv_alpha)}
+        args = {"algo": self.algo, "conv_dim": str(conv_rank), "conv_alpha": number_text(conv_alpha)}
         for key, value in (("dropout", self.dropout), ("rank_dropout", self.rank_dropout),
                            ("module_dropout", self.module_dropout)):
             if value:
-                args[key] = _num(value)
+                args[key] = number_text(value)
         flags = {"use_tucker": self.use_tucker, "dora_wd": self.dora, "decompose_both": self.decompose_both,
                  "full_matrix": self.full_matrix, "unbalanced_factorization": self.unbalanced_factorization,
                  "rank_dropout_scale": self.rank_dropout_scale}
@@ -95,13 +97,10 @@ class AdapterConfig:
             args["factor"] = str(self.factor)
         return args
 
-    def describe(self) -> dict:
-        out = asdict(self)
-        out["factor_dtype"] = None if self.factor_dtype is None else str(self.factor_dtype).removeprefix("torch.")
-        return out
 
 
-def _num(value) -> str:
+def number_text(value) -> str:
+    """A number as kohya's metadata writes it: 4 not 4.0, 0.5 as is; None as "None"."""
     if value is None:
         return "None"
     value = float(value)

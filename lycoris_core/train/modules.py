@@ -250,10 +250,16 @@ class TrainModule(nn.Module):
             if self.training and self.dropout:
                 branch = F.dropout(branch, self.dropout)
             return base + branch.to(base.dtype)
-        if self.training and self.dropout and not self.dora:
-            base = self.base_forward(x, *args, **kwargs)
+        own_weight = not self._casts_itself(x)  # weight functions, scaled fp8: only its forward knows W0
+        if own_weight and self.dora:
+            raise ValueError(f"{self.lora_name}: DoRA needs the layer's weight, which this layer computes in "
+                             "its own forward (weight functions or a scaled fp8 weight); train it without DoRA")
+        if own_weight or (self.training and self.dropout and not self.dora):
+            base = self.base_forward(x, *args, **kwargs)  # the layer's own forward, then ΔW·x beside it
             branch = rebuilt_forward(x.to(dtype), None, None, self.spec, self._builder(dtype, mask), params)
-            return base + F.dropout(branch, self.dropout).to(base.dtype)
+            if self.training and self.dropout:
+                branch = F.dropout(branch, self.dropout)
+            return base + branch.to(base.dtype)
         return self._rebuilt(x.to(dtype), self.layer.weight, self._bias(), dtype, mask, params)
 
     def _rebuilt(self, x, w0, bias, dtype, mask, params):
@@ -650,9 +656,6 @@ class TrainFull(TrainModule):
     @torch.no_grad()
     def effective_delta(self):
         return self.diff.detach().to(torch.float32).clone()
-
-    def bias_delta(self) -> torch.Tensor | None:
-        return self.diff_b.detach().to(torch.float32).clone() if "diff_b" in self.present else None
 
 
 MODULE_CLASSES: dict[str, type[TrainModule]] = {

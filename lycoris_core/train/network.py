@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import AdapterConfig, build_module, module_from_file
 from .modules import TrainModule
+from .save import save_adapter
 from .targets import Target
 
 log = logging.getLogger("comfyui-lycoris")
@@ -80,18 +81,9 @@ class TrainableNetwork(nn.Module):
         return out
 
     @torch.no_grad()
-    def deltas(self) -> dict[str, torch.Tensor]:
-        """module name -> float32 ΔW at strength 1, as a loader rebuilds it from the file."""
-        return {m.lora_name: m.effective_delta() for m in self}
-
     def save(self, path, dtype: torch.dtype = torch.float16, metadata: Mapping[str, str] | None = None,
              overwrite: bool = False):
-        from .save import save_adapter
-
         return save_adapter(self, path, dtype=dtype, metadata=metadata, overwrite=overwrite)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def create_network(targets: Iterable[Target], config: AdapterConfig, *, seed: int = 0,

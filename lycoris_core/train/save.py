@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..io.writer import save_tensors
-from .config import AdapterConfig
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from ..io.writer import SAVE_DTYPES, save_tensors
+from .config import AdapterConfig, number_text
 
 # base-model facts per detected architecture: (ss_base_model_version, ss_v2, modelspec architecture, implementation)
 _ARCH = {
@@ -55,7 +53,7 @@ def training_metadata(config: AdapterConfig, *, arch: str | None = None, title: 
     meta = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(config.rank),
-        "ss_network_alpha": _num(config.alpha if config.alpha else config.rank),
+        "ss_network_alpha": number_text(config.alpha if config.alpha else config.rank),
         "ss_network_args": json.dumps(config.network_args()),
         "ss_training_comment": "trained with comfyui-lycoris",
         "ss_training_finished_at": str(now),
@@ -68,7 +66,7 @@ def training_metadata(config: AdapterConfig, *, arch: str | None = None, title: 
         "ss_gradient_accumulation_steps": grad_accumulation, "ss_mixed_precision": mixed_precision,
         "ss_output_name": title, "lycoris_preset": preset,
     }
-    meta.update({k: _num(v) if isinstance(v, float) else str(v) for k, v in optional.items() if v is not None})
+    meta.update({k: number_text(v) if isinstance(v, float) else str(v) for k, v in optional.items() if v is not None})
     base, v2, spec_arch, implementation = _ARCH.get(arch or "", (None, None, arch or "unknown", "unknown"))
     if base is not None:
         meta["ss_base_model_version"] = base
@@ -87,11 +85,6 @@ def training_metadata(config: AdapterConfig, *, arch: str | None = None, title: 
     if extra:
         meta.update({str(k): str(v) for k, v in extra.items()})
     return meta
-
-
-def _num(value) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def save_adapter(network, path, *, dtype: torch.dtype = torch.float16, metadata: Mapping[str, str] | None = None,

@@ -14,7 +14,7 @@ they land with the new-architectures issue, with their own naming schemes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -63,9 +63,6 @@ PRESETS: dict[str, Preset] = {
 }
 DIT_PRESETS = ("flux", "sd3", "wan", "qwen-image", "dit")
 
-# (the node's default) which preset suits which model part
-DEFAULT_PRESET = {"unet": "unet-attn", "te": "clip"}
-
 
 def preset(name: str | Preset) -> Preset:
     if isinstance(name, Preset):
@@ -76,11 +73,6 @@ def preset(name: str | Preset) -> Preset:
         raise ValueError(f"preset {name!r}: DiT presets are not available yet (they land with the "
                          f"new-architectures issue); choose one of {', '.join(PRESETS)} or pass a Preset")
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-
-
-def register_preset(p: Preset) -> None:
-    """Add a preset (e.g. a DiT one) under its name."""
-    PRESETS[p.name] = p
 
 
 @dataclass(frozen=True)
@@ -104,11 +96,10 @@ def is_trainable_layer(module: nn.Module) -> bool:
 
 
 def find_targets(root: nn.Module, which: str | Preset, prefix: str = "lora_unet",
-                 rename: Callable[[str], str | None] | None = None, *, convs: bool = True) -> list[Target]:
+                 rename: Callable[[str], str | None] | None = None) -> list[Target]:
     """Every Linear/Conv under ``root`` that the preset selects, with its saved name.
 
-    ``rename`` maps a path to its canonical path (or None to skip the layer);
-    ``convs=False`` drops k×k convolutions (what a conv rank of 0 means).
+    ``rename`` maps a path to its canonical path (or None to skip the layer).
     """
     chosen = preset(which)
     out, seen = [], set()
@@ -117,8 +108,6 @@ def find_targets(root: nn.Module, which: str | Preset, prefix: str = "lora_unet"
             continue
         canonical = rename(path) if rename else path
         if canonical is None or not chosen.matches(canonical):
-            continue
-        if not convs and isinstance(module, nn.modules.conv._ConvNd) and any(k != 1 for k in module.kernel_size):
             continue
         seen.add(id(module))
         out.append(Target(kohya_name(prefix, canonical), path, module))
@@ -153,8 +142,3 @@ def unet_naming(arch: str) -> Callable[[str], str | None] | None:
     paths (sd-scripts' SDXL names are the LDM ones; ComfyUI maps ``lora_unet_<path>`` for all).
     """
     return ldm_to_diffusers(arch) if arch in ("sd1", "sd2") else None
-
-
-def describe_presets() -> Iterable[str]:
-    for p in PRESETS.values():
-        yield f"{p.name}: {p.description}"
