@@ -121,6 +121,12 @@ def test_cli_inflate_writes_refuses_and_reports(files, tmp_path, capsys):
     glora, _ = make_adapter("glora", torch.float32, tmp_path)
     assert main(["inflate", str(glora), "--dry-run"]) == 2
     assert "glora" in capsys.readouterr().err
+    before = path.read_bytes()
+    assert main(["inflate", str(path), "-o", str(path), "--overwrite"]) == 2  # never onto its own input
+    assert "must not be one of the inputs" in capsys.readouterr().err and path.read_bytes() == before
+    for depth in ("4", "0", "-1"):  # the user's value is named, not the kernel
+        assert main(["inflate", str(path), "-o", str(tmp_path / "z.safetensors"), "--depth", depth]) == 2
+        assert f"got {depth}" in capsys.readouterr().err
 
 
 def _loha(name, out, cols, seed=0):

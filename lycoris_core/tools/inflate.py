@@ -38,8 +38,9 @@ import torch
 from ..adapter import load_adapter
 from ..errors import LycorisError
 from ..io.reader import read_safetensors_header
-from ..io.writer import check_output, save_tensors
+from ..io.writer import save_tensors
 from ..keymap import detect_adapter, map_adapter, state_shapes
+from .common import check_write
 
 SUPPORTED = ("lora", "locon", "loha", "lokr", "full", "ia3")
 
@@ -139,9 +140,10 @@ def inflate_module(module, depth: int | None = None,
     kernel = shape[2:]
     if kernel == (1, 1):
         return _by_key(keys, {r: _pointwise(t) for r, t in tensors.items()}), "pointwise", 1
-    depth = kernel[0] if depth is None else depth
-    if depth % 2 == 0:
-        raise InflateError(f"{module.name}: kernel {kernel} gives an even depth; pass an odd depth")
+    if depth is None:  # a given depth was checked once by inflate_adapter
+        depth = kernel[0]
+        if depth % 2 == 0:
+            raise InflateError(f"{module.name}: kernel {kernel} gives an even depth; pass an odd --depth")
     out = {}
     for role, t in tensors.items():
         if t.dim() == 4 and tuple(t.shape[-2:]) == kernel:  # the factor that carries the kernel
@@ -173,8 +175,9 @@ def inflate_adapter(source: str | os.PathLike, output: str | os.PathLike | None,
     ``shapes`` (module name -> 2-D layer weight shape) or ``base`` (a 2-D checkpoint) tell the
     kernels of flattened LoHa/LoKr convs; without them SD names are looked up in the tables.
     """
-    if output is not None and not dry_run:
-        check_output(output, overwrite)  # refuse early, before any work
+    check_write(output, dry_run, overwrite, [str(source)] + ([str(base)] if base is not None else []))
+    if depth is not None and (depth < 1 or depth % 2 == 0):
+        raise InflateError(f"depth must be a positive odd number (the 2-D kernel sits at its centre), got {depth}")
     adapter = load_adapter(source)
     report = InflateReport(str(source), None if dry_run else str(output), depth or 0)
     known = dict(shapes) if shapes is not None else None
