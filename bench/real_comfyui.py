@@ -18,8 +18,8 @@ Each run of each path measures, in this order, what a user trying adapters meets
 ``LoraLoader``), **strength change** (the node again at another strength while the first
 patch is loaded, and the patch, which unpatches the old clone first), **warm** (everything
 unloaded, the node at strength 1 again: the file is cached by both loaders) and
-**unload** (``unload_all_models``: the exact restore).  Peak RSS of each run is measured
-above the RSS at its start (``/proc/self/clear_refs``).  The time inside the patch is split
+**unload** (``unload_all_models``: the exact restore).  Peak anonymous RSS of each run is
+measured above its start (``bench/patch.py``'s ``PeakRSS``, polled from a child process).  The time inside the patch is split
 by timers around ComfyUI's own functions (file read, key mapping, the float32 working
 copy, ``calculate_weight``, the cast back); "bookkeeping" is the rest of ``load_models_gpu``.
 
@@ -39,13 +39,13 @@ stand-in for ComfyUI's arithmetic (labelled so in its table).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.util
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,26 +83,12 @@ def find_comfyui(given: str | None) -> Path | None:
     return find()
 
 
-def rss_bytes(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class Peak:
-    """Peak RSS of a block above the RSS at its start (the kernel's high-water mark, reset)."""
-
-    def __enter__(self):
-        gc.collect()
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.start = rss_bytes()
-        return self
-
-    def __exit__(self, *exc):
-        self.above = rss_bytes("VmHWM") - self.start
+def peak_rss():
+    """bench/patch.py's PeakRSS: anonymous RSS polled from a child process, above its start."""
+    spec = importlib.util.spec_from_file_location("lycoris_bench_patch", ROOT / "bench" / "patch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PeakRSS
 
 
 class Timers:
@@ -180,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--from-json", nargs="+", help="render the tables from results-*.json of earlier runs")
     ap.add_argument("--results", help=argparse.SUPPRESS)  # the child's output file
+    ap.add_argument("--mode", default="default", help=argparse.SUPPRESS)  # the child's allocator mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # runs inside ComfyUI's Python
     ap.add_argument("--check", action="store_true",
                     help="only check that both paths give bit-identical weights (UNet and CLIP)")
@@ -207,12 +194,12 @@ def main(argv=None) -> int:
                 return subprocess.call(base + ["--check"])
             outputs = []
             for mode in (["default", "steady"] if args.allocator == "both" else [args.allocator]):
-                env = dict(os.environ)
+                env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
                 if mode == "steady":
                     env.update(MALLOC_MMAP_THRESHOLD_=str(256 << 20), MALLOC_TRIM_THRESHOLD_=str(8 << 30))
                 out = work / f"results-{mode}.json"
                 print(f"== allocator: {mode}", flush=True)
-                if subprocess.call(base + ["--results", str(out)], env=env) != 0:
+                if subprocess.call(base + ["--results", str(out), "--mode", mode], env=env) != 0:
                     return 1
                 outputs.append(out)
             return render(outputs, args.write_docs)
@@ -228,7 +215,6 @@ def main(argv=None) -> int:
 
     from lycoris_core.testing.synthetic import synthetic_adapter, write_checkpoint
 
-    torch.set_num_threads(os.cpu_count() or 1)
     ckpt = work / "sd15_random.safetensors"
     if not ckpt.exists():
         print("writing a random-weight SD1.5 checkpoint ...", flush=True)
@@ -252,6 +238,7 @@ def main(argv=None) -> int:
     folder_paths.add_model_folder_path("loras", str(work / "loras"), is_default=True)
 
     timers = Timers()
+    PeakRSS = peak_rss()  # noqa: N806  (a class)
     timers.wrap(comfy.utils, "load_torch_file", "read file")
     timers.wrap(glue, "load", "read file")
     timers.wrap(comfy.sd, "load_lora_for_models", "map keys")
@@ -310,7 +297,7 @@ def main(argv=None) -> int:
                 gc.collect()
                 timers.take()
                 phases = {}
-                with Peak() as peak:
+                with PeakRSS() as peak:
                     for phase, strength, cold in (("cold", 1.0, True), ("strength", 0.5, False),
                                                   ("warm", 1.0, False)):
                         if phase == "warm":
@@ -326,17 +313,16 @@ def main(argv=None) -> int:
                     mm.unload_all_models()
                     phases["unload"] = (time.perf_counter() - t0, timers.take())
                 for phase, (seconds, parts) in phases.items():
-                    results[(name, label)][phase].append((seconds, parts, peak.above))
+                    results[(name, label)][phase].append((seconds, parts, peak.above_start))
                 print(f"{name:24s} run {run + 1} {label:8s} {keys[(name, label)]} keys " +
                       "  ".join(f"{p} {phases[p][0]:6.2f}s" for p in PHASES) +
-                      f"  peak +{peak.above / 2**20:,.0f} MiB", flush=True)
+                      f"  peak +{peak.above_start / 2**20:,.0f} MiB", flush=True)
     glue.DELTAS.clear()
     glue.ADAPTERS.clear()
 
     env = (f"ComfyUI {comfy_commit(comfyui)}, torch {torch.__version__}, {platform.machine()}, "
            f"{os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    mode = "steady" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "default"
-    save_results(Path(args.results), names, results, keys, args.runs, env, mode)
+    save_results(Path(args.results), names, results, keys, args.runs, env, args.mode)
     return 0
 
 
@@ -383,18 +369,13 @@ def check_same_weights(model, clip, comfy_path, ours_path, patch, mm) -> tuple[b
     return a == b, len(a)
 
 
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def format_tables(names, results, keys, runs, env) -> str:
     """The docs tables: times and ratios, then where the time goes, from the runs' medians."""
     def med(name, label, phase, part=None):
         samples = results[(name, label)][phase]
         if part is None:
-            return _median([s for s, _, _ in samples])
-        return _median([p.get(part, 0.0) for _, p, _ in samples])
+            return statistics.median([s for s, _, _ in samples])
+        return statistics.median([p.get(part, 0.0) for _, p, _ in samples])
 
     lines = [
         f"Made by `COMFYUI_PYTHON=<ComfyUI's python> python bench/real_comfyui.py --write-docs` — {env}; "
@@ -402,7 +383,7 @@ def format_tables(names, results, keys, runs, env) -> str:
         "≥5× strength change). \"best ×\" is the ratio if our own work (the deltas and their add) took "
         "no time at all: ComfyUI's fixed costs in our path (its float32 copy of every weight, the cast "
         "back, its bookkeeping, the unpatch) bound what any loader inside ComfyUI can reach. Peak RSS is "
-        "over the whole run of a path (all four phases), above its start.",
+        "anonymous memory (RssAnon, polled) over the whole run of a path (all four phases), above its start.",
         "",
         "| adapter | keys patched | phase | ComfyUI (s) | ours (s) | × | best × | peak RSS ComfyUI / ours (MiB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -416,8 +397,8 @@ def format_tables(names, results, keys, runs, env) -> str:
             best = f"{c / fixed:.1f}×" if phase != "unload" and fixed > 0 else ""
             peak = ""
             if phase == "cold":
-                pc = _median([p for *_, p in results[(name, "ComfyUI")][phase]]) / 2**20
-                po = _median([p for *_, p in results[(name, "ours")][phase]]) / 2**20
+                pc = statistics.median([p for *_, p in results[(name, "ComfyUI")][phase]]) / 2**20
+                po = statistics.median([p for *_, p in results[(name, "ours")][phase]]) / 2**20
                 peak = f"{pc:,.0f} / {po:,.0f}"
             lines.append(f"| {name} | {n} | {phase} | {c:.2f} | {o:.2f} | {c / o:.2f}× | {best} | {peak} |")
     parts = ("read file", "map keys", "float32 copy", "delta + add", "cast back")
