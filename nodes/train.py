@@ -56,7 +56,7 @@ log = logging.getLogger("comfyui-lycoris")
 
 CATEGORY = "training"
 NONE = "[None]"
-UNET_PRESETS = [name for name in PRESETS if name.startswith("unet")]
+UNET_PRESETS = [name for name in PRESETS if name.startswith(("unet", "dit"))]  # the diffusion model's presets
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,120}")
 
@@ -219,8 +219,9 @@ class TrainLycoris:
                 "loss_function": (list(LOSSES), {"default": "MSE"}),
                 "seed": _int(0, 0, 0xFFFFFFFFFFFFFFFF, "Seed of the initialisation, batches, sigmas and noise."),
                 "training_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "Dtype of the model's math."}),
-                "lora_dtype": (list(DTYPES), {"default": "fp32", "tooltip": "Dtype of the adapter's factor math; "
-                               "the trained factors are always float32 master weights."}),
+                "lora_dtype": (list(DTYPES), {"default": "fp32", "tooltip": "Dtype of the rebuilt ΔW math (LoHa, LoKr, "
+                               "full, DoRA); the LoRA/LoCon bypass runs in the training dtype. The trained factors "
+                               "are always float32 master weights."}),
                 "gradient_checkpointing": _bool(True, "Recompute block activations in backward (less memory)."),
                 "existing_adapter": (folder_paths.get_filename_list(glue.LORA_FOLDER) + [NONE],
                                      {"default": NONE, "tooltip": "Continue training this file (its layers keep "

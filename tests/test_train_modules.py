@@ -148,11 +148,12 @@ def test_conv_rank_zero_leaves_kxk_convs_out_and_conv_rank_applies():
     assert all(m.rank == 4 and m.scale == 1.0 for m in net if not m.spec.is_kxk)
 
 
-def _meta_ldm_unet():
-    """ComfyUI's SD1.5 diffusion model layout (LDM names), as real Linear/Conv2d layers on meta."""
+def _meta_ldm_unet(arch="sd1", part="unet"):
+    """ComfyUI's diffusion model layout (LDM names for SD1.5, the model's own for DiTs), as real
+    Linear/Conv2d layers on meta."""
     root = nn.Module()
     with torch.device("meta"):
-        for key, shape in state_shapes("sd1", "comfy", ("unet",)).items():
+        for key, shape in state_shapes(arch, "comfy", (part,)).items():
             if not key.endswith(".weight") or len(shape) not in (2, 4):
                 continue
             *path, _ = key.removeprefix("diffusion_model.").split(".")
@@ -183,11 +184,50 @@ def test_comfy_sd15_layout_gets_kohya_diffusers_names_that_map_back():
         assert report.targets[t.name].weight_key == f"diffusion_model.{t.path}.weight"
 
 
-def test_dit_presets_are_an_explicit_extension_point():
-    with pytest.raises(ValueError, match="DiT presets"):
-        preset("flux")
+def test_unknown_presets_are_refused():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("everything")
+
+
+# full size, on meta: per family, (layers "dit" adapts per first block, per first single/second-kind block)
+DIT_FAMILIES = {
+    "flux-dev": ("double_blocks.0.", 8, "single_blocks.0.", 2),
+    "chroma": ("double_blocks.0.", 8, "single_blocks.0.", 2),
+    "sd3.5-medium": ("joint_blocks.0.", 10, None, 0),
+    "wan2.1-i2v-14b": ("blocks.0.", 12, None, 0),
+    "qwen-image": ("transformer_blocks.0.", 12, None, 0),
+    "hunyuan-video": ("double_blocks.0.", 8, "single_blocks.0.", 2),
+    "lumina2": ("layers.0.", 5, "noise_refiner.0.", 5),
+    "hidream-i1": ("double_stream_blocks.0.", None, "single_stream_blocks.0.", None),
+    "z-image": ("layers.0.", 5, "context_refiner.0.", 5),
+}
+
+
+@pytest.mark.parametrize("variant", list(DIT_FAMILIES))
+def test_dit_presets_name_what_the_loader_maps_back(variant):
+    """`dit` adapts every Linear of the transformer blocks but the modulation, `dit-attn` the attention
+    projections; the saved kohya names map to exactly those weights of ComfyUI's model."""
+    root = _meta_ldm_unet(variant, "diffusion_model")
+    first, n_first, second, n_second = DIT_FAMILIES[variant]
+    everything = find_targets(root, "dit", "lora_unet")
+    attention = find_targets(root, "dit-attn", "lora_unet")
+    assert attention and {t.path for t in attention} < {t.path for t in everything}
+    assert not any(w in t.path for t in everything for w in ("_mod.", "modulation", "_embed", "img_in", "txt_in."))
+    if n_first is not None:
+        assert sum(t.path.startswith(first) for t in everything) == n_first
+    if second is not None and n_second is not None:
+        assert sum(t.path.startswith(second) for t in everything) == n_second
+    assert all(("attn" in t.path or "attention" in t.path or t.path.endswith(("linear1", "linear2")))
+               and "mlp" not in t.path and "ffn" not in t.path and "feed_forward" not in t.path for t in attention)
+    tensors = {}
+    for t in everything:
+        spec = LayerSpec.of(t.layer)
+        tensors[f"{t.name}.lora_down.weight"] = torch.zeros(1, spec.in_features)
+        tensors[f"{t.name}.lora_up.weight"] = torch.zeros(spec.out_features, 1)
+    report = map_adapter(load_adapter(tensors).modules, state_shapes(variant, "comfy", ("diffusion_model",)))
+    assert not report.unmatched and not report.mismatched
+    for t in everything:
+        assert report.targets[t.name].weight_key == f"diffusion_model.{t.path}.weight"
 
 
 # ---- dropouts as LyCORIS defines them -----------------------------------------------------------

@@ -43,7 +43,7 @@ class AdapterConfig:
     module_dropout: float = 0.0
     rank_dropout_scale: bool = False
     bypass: bool | str = True  # ΔW·x beside the frozen layer where it allows and pays; "always"; False: never
-    factor_dtype: torch.dtype | None = None  # dtype of the factor math; None: the masters' (float32)
+    factor_dtype: torch.dtype | None = None  # dtype of the rebuilt ΔW math (not the bypass: compute dtype); None: float32
     ia3_on_input: tuple[str, ...] = field(default=IA3_ON_INPUT)
 
     def __post_init__(self):

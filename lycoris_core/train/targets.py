@@ -7,8 +7,9 @@ saved names are the same whichever way the model was loaded, and the saved names
 the ones real kohya/LyCORIS files use (``lora_unet_down_blocks_0_attentions_0_…``).
 SDXL files from sd-scripts use the LDM names themselves, so SDXL keeps them.
 
-DiT presets (Flux, SD3.5, Wan, Qwen-Image, …) are the extension point marked below:
-they land with the new-architectures issue, with their own naming schemes.
+DiTs keep ComfyUI's own module paths (BFL names for Flux, SAI ``joint_blocks`` for SD3,
+the original Wan/Qwen names), which are the names kohya, musubi and ComfyUI's own files use;
+``dit`` and ``dit-attn`` select their transformer blocks whatever the family.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ _TRANSFORMER = r"(.*\.)?(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|
 _CLIP_ATTN = r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 _CLIP_MLP = r"(.*\.)?mlp\.(fc1|fc2)"
 
+# DiTs in ComfyUI's own module paths (the names real files use: lora_unet_double_blocks_0_img_attn_qkv, ...)
+_DIT_BLOCK = (r"(double_blocks|single_blocks|joint_blocks|blocks|transformer_blocks|layers|noise_refiner|"
+              r"context_refiner|double_stream_blocks|single_stream_blocks)\.\d+")
+_DIT_MOD = r"(.*\.)?(img_mod|txt_mod|modulation|adaLN_modulation)(\..*)?"
+_DIT_ATTN = (r"(img_attn|txt_attn|attn|attn1|attn2|self_attn|cross_attn|attention)\."
+             r"(qkv|proj|q|k|v|o|k_img|v_img|out|to_q|to_k|to_v|to_out(\.0)?|add_q_proj|add_k_proj|add_v_proj|"
+             r"to_add_out|to_q_t|to_k_t|to_v_t|to_out_t)")
+
 PRESETS: dict[str, Preset] = {
     "unet-attn": Preset("unet-attn", (_ATTN,), description="SD UNet attention only: to_q/to_k/to_v/to_out of attn1/attn2"),
     "unet-transformer": Preset("unet-transformer", (_TRANSFORMER,),
@@ -56,12 +65,14 @@ PRESETS: dict[str, Preset] = {
                                     "embedding), as LyCORIS's full preset; k×k convs use the conv rank"),
     "clip": Preset("clip", (_CLIP_ATTN, _CLIP_MLP), description="CLIP text encoder attention and MLP"),
     "clip-attn": Preset("clip-attn", (_CLIP_ATTN,), description="CLIP text encoder attention only"),
-    # ---- extension point: DiT presets -------------------------------------------------------
-    # Flux / SD3.5 / Wan / Qwen-Image presets go here once the new-architectures issue gives
-    # their block layouts and naming schemes (lycoris_core.keymap); until then ``preset()``
-    # refuses those names with a clear message instead of guessing.
+    "dit": Preset("dit", (_DIT_BLOCK + r"\..+",), (_DIT_MOD,),
+                  description="every Linear in a DiT's transformer blocks (attention, MLP, Flux's fused single-block "
+                              "layers; Flux, Chroma, SD3/3.5, Wan, Qwen-Image, HunyuanVideo, Lumina 2, HiDream, "
+                              "Z-Image), without the modulation layers"),
+    "dit-attn": Preset("dit-attn", (_DIT_BLOCK + r"\.(.*\.)?" + _DIT_ATTN, _DIT_BLOCK + r"\.(linear1|linear2)"),
+                       description="DiT attention projections only (Flux/HunyuanVideo single blocks: linear1/linear2, "
+                                   "where attention and MLP share one layer)"),
 }
-DIT_PRESETS = ("flux", "sd3", "wan", "qwen-image", "dit")
 
 
 def preset(name: str | Preset) -> Preset:
@@ -69,9 +80,6 @@ def preset(name: str | Preset) -> Preset:
         return name
     if name in PRESETS:
         return PRESETS[name]
-    if name in DIT_PRESETS or name.split("-")[0] in DIT_PRESETS:
-        raise ValueError(f"preset {name!r}: DiT presets are not available yet (they land with the "
-                         f"new-architectures issue); choose one of {', '.join(PRESETS)} or pass a Preset")
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
